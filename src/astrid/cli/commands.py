@@ -1,0 +1,11 @@
+"""Registration of every sub-command on the Typer application."""
+
+from __future__ import annotations
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    """Attach every command module's command to ``app``."""

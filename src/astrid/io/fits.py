@@ -6,8 +6,9 @@ used when present), and NOIRLab Community Pipeline triplets where ``*_ooi_*`` (i
 sits beside ``*_ood_*`` (data-quality) and ``*_oow_*`` (inverse variance).
 
 Writing produces a self-describing multi-extension file: the primary HDU carries the
-original header plus provenance; ``SCI``, ``VARIANCE`` and ``MASK`` extensions hold the
-planes (``MASK`` documents its bits as ``MP_*`` cards) and ``PSF`` holds the PSF model.
+original header; ``SCI``, ``VARIANCE`` and ``MASK`` extensions hold the
+planes (``MASK`` documents its bits as ``MP_*`` cards) and ``PSF`` holds the PSF model (with ``PSFGRID`` and ``PSFFWHM``); ``PROVENANCE`` is a key/value
+table.
 """
 
 from __future__ import annotations
@@ -388,7 +389,6 @@ def _matching_plane(
 
 
 def _read_own(path: Path, hdul: fits.HDUList) -> Exposure:
-    primary = hdul[0].header
     sci = hdul["SCI"]
     data = check_image(np.asarray(sci.data), f"SCI of {path.name}")
     variance = np.asarray(hdul["VARIANCE"].data, np.float32)
@@ -413,13 +413,11 @@ def _read_own(path: Path, hdul: fits.HDUList) -> Exposure:
             fwhm_grid=fwhm_grid,
             n_stars=int(ph.header.get("NSTARS", 0)),
         )
-    provenance = {
-        str(c.comment or c.keyword): str(c.value)
-        for c in primary.cards
-        if c.keyword.startswith("AST_") and c.keyword != _FORMAT_KEY
-    }
-    provenance = {k.removeprefix("provenance "): v for k, v in provenance.items()}
-    provenance["input_path"] = path.name
+    provenance: dict[str, str] = {}
+    if "PROVENANCE" in hdul:
+        table = hdul["PROVENANCE"].data
+        provenance = {str(k): str(v) for k, v in zip(table["key"], table["value"], strict=True)}
+    provenance.setdefault("input_path", path.name)
     return Exposure(
         data=data,
         variance=variance,
@@ -436,8 +434,8 @@ def write_exposure(exposure: Exposure, path: str | Path, *, overwrite: bool = Fa
     """Write an exposure as a multi-extension FITS file.
 
     The primary header keeps the exposure's original header cards (without structural
-    and WCS keywords, which live on ``SCI``) and adds provenance as ``AST_nnn`` cards
-    whose comments name each entry, plus the AstrID version.
+    and WCS keywords, which live on ``SCI``) and the AstrID version; provenance goes to
+    a ``PROVENANCE`` table of key/value strings.
 
     Returns
     -------
@@ -473,8 +471,6 @@ def write_exposure(exposure: Exposure, path: str | Path, *, overwrite: bool = Fa
             continue
     primary.header[_FORMAT_KEY] = (_FORMAT, "AstrID exposure file layout")
     primary.header["AST_VER"] = (__version__, "AstrID version that wrote this file")
-    for i, (k, v) in enumerate(sorted(exposure.provenance.items())):
-        primary.header[f"AST_{i:03d}"] = (str(v)[:68], f"provenance {k}"[:47])
     if exposure.meta.time is not None and "DATE-OBS" not in primary.header:
         primary.header["DATE-OBS"] = exposure.meta.time.utc.isot
     sci_header = exposure.wcs.to_header(relax=True) if exposure.wcs is not None else fits.Header()
@@ -483,7 +479,21 @@ def write_exposure(exposure: Exposure, path: str | Path, *, overwrite: bool = Fa
     msk = fits.ImageHDU(exposure.mask.astype(np.uint16), name="MASK")
     for key, value, comment in MaskBit.header_cards():
         msk.header[key] = (value, comment)
-    hdus: list[Any] = [primary, sci, var, msk]
+    items = sorted(exposure.provenance.items())
+    prov = fits.BinTableHDU.from_columns(
+        [
+            fits.Column(
+                "key", f"{max([len(k) for k, _ in items] + [1])}A", array=[k for k, _ in items]
+            ),
+            fits.Column(
+                "value",
+                f"{max([len(str(v)) for _, v in items] + [1])}A",
+                array=[str(v) for _, v in items],
+            ),
+        ],
+        name="PROVENANCE",
+    )
+    hdus: list[Any] = [primary, sci, var, msk, prov]
     if exposure.psf is not None:
         psf = exposure.psf
         ph = fits.ImageHDU(psf.stamps.astype(np.float32), name="PSF")

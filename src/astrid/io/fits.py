@@ -6,9 +6,9 @@ used when present), and NOIRLab Community Pipeline triplets where ``*_ooi_*`` (i
 sits beside ``*_ood_*`` (data-quality) and ``*_oow_*`` (inverse variance).
 
 Writing produces a self-describing multi-extension file: the primary HDU carries the
-original header; ``SCI``, ``VARIANCE`` and ``MASK`` extensions hold the
-planes (``MASK`` documents its bits as ``MP_*`` cards) and ``PSF`` holds the PSF model (with ``PSFGRID`` and ``PSFFWHM``); ``PROVENANCE`` is a key/value
-table.
+original header; ``SCI``, ``VARIANCE`` and ``MASK`` extensions hold the planes
+(``MASK`` documents its bits as ``MP_*`` cards); ``PSF``, ``PSFGRID`` and ``PSFFWHM``
+hold the PSF model; ``PROVENANCE`` is a key/value table.
 """
 
 from __future__ import annotations

@@ -299,7 +299,8 @@ def gate_quality(report: QualityReport, config: QualityConfig | None = None) -> 
         )
     if r.cosmic_ray_fraction > cfg.max_cosmic_ray_fraction:
         reasons.append(
-            f"{r.cosmic_ray_fraction:.2%} cosmic-ray pixels, limit {cfg.max_cosmic_ray_fraction:.2%}"
+            f"{r.cosmic_ray_fraction:.2%} cosmic-ray pixels, "
+            f"limit {cfg.max_cosmic_ray_fraction:.2%}"
         )
     if cfg.min_limiting_mag is not None and not r.limiting_mag_is_instrumental:
         if not r.limiting_mag >= cfg.min_limiting_mag:

@@ -9,3 +9,6 @@ __all__ = ["register"]
 
 def register(app: typer.Typer) -> None:
     """Attach every command module's command to ``app``."""
+    from astrid.cli.inspect import inspect
+
+    app.command("inspect")(inspect)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 __all__ = [
     "AstridError",
+    "BackendUnavailable",
     "BadImageShape",
     "CorruptFitsFile",
     "EmptyImage",
     "InsufficientOverlap",
+    "InvalidPsf",
+    "InvalidSection",
     "MissingHeaderKeywords",
     "NoCelestialWcs",
     "ShapeMismatch",
     "StarMatchFailed",
+    "TooFewFrames",
+    "TooFewStamps",
     "TooFewStarsForPsf",
 ]
 
@@ -188,3 +193,110 @@ class InsufficientOverlap(AstridError):
             f"exposures overlap on {self.overlap_fraction:.1%} of the target grid; "
             f"need at least {self.required:.1%}"
         )
+
+
+class InvalidSection(AstridError):
+    """A FITS image section (``BIASSEC``, ``TRIMSEC``) is malformed or outside the image.
+
+    Parameters
+    ----------
+    section : str
+        The section string as given (FITS 1-based, inclusive, ``[x1:x2,y1:y2]``).
+    shape : tuple of int
+        Shape ``(ny, nx)`` of the image it should apply to.
+    reason : str
+        What is wrong with it.
+    """
+
+    def __init__(self, section: str, shape: tuple[int, ...], reason: str) -> None:
+        self.section = section
+        self.shape = tuple(shape)
+        self.reason = reason
+        super().__init__(f"image section {section!r} for shape {self.shape}: {reason}")
+
+
+class TooFewFrames(AstridError):
+    """Too few frames to combine into a master calibration frame.
+
+    Parameters
+    ----------
+    n_given : int
+        Frames supplied.
+    n_required : int
+        Frames the combination needs.
+    """
+
+    def __init__(self, n_given: int, n_required: int) -> None:
+        self.n_given = int(n_given)
+        self.n_required = int(n_required)
+        super().__init__(f"got {self.n_given} frames to combine, need at least {self.n_required}")
+
+
+class TooFewStamps(AstridError):
+    """Too few usable star stamps to fit an image-subtraction matching kernel.
+
+    Parameters
+    ----------
+    n_found : int
+        Stamps that were usable (inside the image, unmasked, not rejected by clipping).
+    n_required : int
+        Stamps the kernel fit needs.
+    """
+
+    def __init__(self, n_found: int, n_required: int) -> None:
+        self.n_found = int(n_found)
+        self.n_required = int(n_required)
+        super().__init__(
+            f"too few stamps for a matching kernel: found {self.n_found}, need {self.n_required}"
+        )
+
+
+class InvalidPsf(AstridError):
+    """A PSF stamp cannot be used (not square, even-sized, non-finite or not summing to > 0).
+
+    Parameters
+    ----------
+    which : str
+        Which PSF (``"psf_science"``).
+    shape : tuple of int
+        Shape of the stamp that was given.
+    reason : str
+        What is wrong with it.
+    n_non_finite : int
+        Non-finite (NaN or infinite) pixels in the stamp.
+    total : float
+        Sum of the finite pixels of the stamp.
+    """
+
+    def __init__(
+        self,
+        which: str,
+        shape: tuple[int, ...],
+        reason: str,
+        *,
+        n_non_finite: int = 0,
+        total: float = float("nan"),
+    ) -> None:
+        self.which = which
+        self.shape = tuple(int(s) for s in shape)
+        self.reason = reason
+        self.n_non_finite = int(n_non_finite)
+        self.total = float(total)
+        super().__init__(f"{which} of shape {self.shape} cannot be used: {reason}")
+
+
+class BackendUnavailable(AstridError):
+    """A compute backend was requested explicitly but cannot be used here.
+
+    Parameters
+    ----------
+    backend : str
+        The backend requested (``"cupy"``, ``"torch"``).
+    reason : str
+        Why it cannot be used (package not installed, no GPU).
+    """
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"backend {backend!r} is not available: {reason}")

@@ -55,7 +55,7 @@ class MaskBit(IntFlag):
     def header_cards(cls) -> list[tuple[str, int, str]]:
         """``(keyword, value, comment)`` cards documenting every bit in a FITS header."""
         return [
-            (f"MP_{bit.name}"[:8], int(bit.value), (bit.__doc__ or "").strip()[:60]) for bit in cls
+            (f"MP_{bit.name}"[:8], int(bit.value), (bit.__doc__ or "").strip()[:46]) for bit in cls
         ]
 
 

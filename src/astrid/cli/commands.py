@@ -12,3 +12,7 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.inspect import inspect
 
     app.command("inspect")(inspect)
+
+    from astrid.cli.simulate import simulate
+
+    app.command("simulate")(simulate)

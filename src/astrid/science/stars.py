@@ -9,6 +9,7 @@ detections that PSF modelling, alignment and photometric calibration rely on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import sep
@@ -38,12 +39,20 @@ class StarConfig:
         sep/SExtractor ``DEBLEND_MINCONT``.
     filter_fwhm : float or None
         FWHM (pixels) of the Gaussian matched filter used for detection; ``None`` uses
-        sep's default 3x3 kernel.
+        sep's default 3x3 kernel (SExtractor's ``default.conv``).
+    filter_type : {"matched", "conv"}
+        How the filter is applied (sep's ``filter_type``): ``"matched"`` weights by the
+        per-pixel noise, the optimal detection statistic when the noise varies;
+        ``"conv"`` is SExtractor's plain convolution with thresholds on the unfiltered
+        noise, to reproduce a SExtractor catalogue.
     aperture_radius : float
         Circular aperture radius in pixels for the ``flux`` column; scaled by the
         measured FWHM in :func:`select_stars` callers when needed.
     min_snr : float
         Stars below this S/N are not selected.
+    size_tolerance : float
+        A star's half-light radius must lie within this fraction of the typical value
+        of the candidate stars around it (rejects galaxies, blends and cosmic rays).
     isolation_radius : float
         A star with a neighbouring detection closer than this (pixels) is not selected.
     max_elongation : float
@@ -56,8 +65,10 @@ class StarConfig:
     min_area: int = 5
     deblend_contrast: float = 0.005
     filter_fwhm: float | None = None
+    filter_type: Literal["matched", "conv"] = "matched"
     aperture_radius: float = 5.0
     min_snr: float = 20.0
+    size_tolerance: float = 0.25
     isolation_radius: float = 10.0
     max_elongation: float = 1.5
     edge_margin: int = 10
@@ -103,59 +114,85 @@ def find_sources(
     astropy.table.Table
         One row per detection: ``x``, ``y`` (0-based pixels), ``flux`` and ``flux_err``
         (aperture, data units), ``snr``, ``peak`` (background-subtracted), ``a``, ``b``,
-        ``theta`` (radians), ``fwhm`` (pixels, from the second moments), ``elongation``
-        (a/b), ``npix``, ``sep_flag``, ``masked`` and ``saturated`` (bool), and
-        ``nearest_neighbour`` (pixels to the closest other detection).
+        ``theta`` (radians), ``fwhm`` (pixels, from the second moments of the pixels
+        above threshold, so it grows with brightness), ``half_light_radius`` (pixels,
+        radius holding half the flux within ``6 a``, nearly independent of brightness;
+        twice it is the FWHM for a Gaussian), ``elongation`` (a/b), ``npix``,
+        ``sep_flag``, ``masked`` and ``saturated`` (bool), and ``nearest_neighbour``
+        (pixels to the closest other detection).
+
+    Raises
+    ------
+    ShapeMismatch
+        If ``mask`` or ``saturated`` differ from ``data`` in shape.
     """
     cfg = config or StarConfig()
-    arr = check_image(data, "data").astype(np.float32)
+    arr = check_image(data, "data")
+    shape = arr.shape
+    # New float32 arrays that may be edited in place below (the caller's are never).
     sub = np.ascontiguousarray(arr - np.asarray(background, dtype=np.float32), np.float32)
-    err = np.broadcast_to(np.asarray(noise, dtype=np.float32), sub.shape)
-    err = np.ascontiguousarray(err, np.float32)
-    bad = ~np.isfinite(sub) | ~np.isfinite(err) | (err <= 0)
+    err = np.array(np.broadcast_to(np.asarray(noise, dtype=np.float32), shape), np.float32)
+    bad = ~np.isfinite(sub)
+    bad |= ~(np.isfinite(err) & (err > 0))
     if mask is not None:
         m = np.asarray(mask, dtype=bool)
-        if m.shape != sub.shape:
-            raise ShapeMismatch({"data": sub.shape, "mask": m.shape})
+        if m.shape != shape:
+            raise ShapeMismatch({"data": shape, "mask": m.shape})
         bad |= m
-    sat = np.zeros(sub.shape, bool) if saturated is None else np.asarray(saturated, dtype=bool)
+    sat = None
+    if saturated is not None:
+        sat = np.asarray(saturated, dtype=bool)
+        if sat.shape != shape:
+            raise ShapeMismatch({"data": shape, "saturated": sat.shape})
+        if not sat.any():
+            sat = None
+    any_bad = bool(bad.any())
+    if any_bad:
+        sub[bad] = 0.0
+        err[bad] = np.inf
     # Saturated pixels are kept for detection (a bright star is a source) but flagged.
-    detect_mask = bad & ~sat
-    sub_clean = np.where(bad, 0.0, sub).astype(np.float32)
-    err_clean = np.where(bad, np.inf, err).astype(np.float32)
+    detect_mask = bad & ~sat if sat is not None else bad
     kernel = _gaussian_kernel(cfg.filter_fwhm) if cfg.filter_fwhm else None
     kwargs = {} if kernel is None else {"filter_kernel": kernel}
     sep.set_extract_pixstack(max(300000, sub.size // 2))
     sep.set_sub_object_limit(4096)
     objects = sep.extract(
-        sub_clean,
+        sub,
         cfg.n_sigma,
-        err=err_clean,
-        mask=detect_mask,
+        err=err,
+        mask=detect_mask if any_bad else None,
         minarea=cfg.min_area,
         deblend_cont=cfg.deblend_contrast,
+        filter_type=cfg.filter_type,
         **kwargs,
     )
     n = len(objects)
     x = objects["x"].astype(np.float64)
     y = objects["y"].astype(np.float64)
+    n_bad = n_sat = np.zeros(n)
+    if any_bad:
+        err[bad] = 0.0  # masked below; the aperture error must not see the infinities
     if n:
         flux, flux_err, _ = sep.sum_circle(
-            sub_clean,
+            sub,
             x,
             y,
             cfg.aperture_radius,
-            err=np.where(bad, 0.0, err_clean),
-            mask=bad,
+            err=err,
+            mask=bad if any_bad else None,
             subpix=5,
         )
         # Pixels touched: count mask/saturation inside the aperture.
-        n_bad, _, _ = sep.sum_circle(bad.astype(np.float32), x, y, cfg.aperture_radius)
-        n_sat, _, _ = sep.sum_circle(sat.astype(np.float32), x, y, 2.0 + cfg.aperture_radius / 2)
+        if any_bad:
+            n_bad, _, _ = sep.sum_circle(bad.astype(np.float32), x, y, cfg.aperture_radius)
+        if sat is not None:
+            r_sat = 2.0 + cfg.aperture_radius / 2
+            n_sat, _, _ = sep.sum_circle(sat.astype(np.float32), x, y, r_sat)
     else:
-        flux = flux_err = n_bad = n_sat = np.zeros(0)
+        flux = flux_err = np.zeros(0)
     a = objects["a"].astype(np.float64)
     b = objects["b"].astype(np.float64)
+    half_light = _half_light_radius(sub, bad if any_bad else None, x, y, a)
     fwhm = 2.0 * np.sqrt(np.log(2.0) * (a**2 + b**2))
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(flux_err > 0, flux / flux_err, 0.0)
@@ -173,6 +210,7 @@ def find_sources(
             "b": b,
             "theta": objects["theta"].astype(np.float64),
             "fwhm": fwhm,
+            "half_light_radius": half_light,
             "elongation": elong,
             "npix": objects["npix"].astype(np.int64),
             "sep_flag": objects["flag"].astype(np.int64),
@@ -181,6 +219,22 @@ def find_sources(
             "nearest_neighbour": nn,
         }
     )
+
+
+def _half_light_radius(
+    image: NDArray[np.float32],
+    bad: NDArray[np.bool_] | None,
+    x: NDArray[np.float64],
+    y: NDArray[np.float64],
+    a: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """SExtractor's ``FLUX_RADIUS`` at 50%, normalised to the flux within ``6 a``."""
+    if len(x) == 0:
+        return np.zeros(0)
+    rmax = np.maximum(6.0 * a, 3.0)
+    radius, _ = sep.flux_radius(image, x, y, rmax, 0.5, mask=bad, subpix=5)
+    radius = np.asarray(radius, dtype=np.float64)
+    return np.where(np.isfinite(radius) & (radius > 0), radius, np.nan)
 
 
 def _nearest_neighbour(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -193,6 +247,31 @@ def _nearest_neighbour(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArra
     return np.asarray(d[:, 1], dtype=np.float64)
 
 
+#: Neighbouring candidates whose median size a star is compared with in select_stars.
+_N_LOCAL = 15
+
+
+def _local_median(
+    values: NDArray[np.float64],
+    x_ref: NDArray[np.float64],
+    y_ref: NDArray[np.float64],
+    x: NDArray[np.float64],
+    y: NDArray[np.float64],
+    k: int,
+) -> NDArray[np.float64]:
+    """Median of ``values`` over the ``k`` reference points nearest each ``(x, y)``.
+
+    With fewer than ``2 k`` reference points, the global median (a local one would
+    then mostly reflect the same stars anyway, with more noise).
+    """
+    if len(values) < 2 * k:
+        return np.full(len(x), float(np.median(values)))
+    from scipy.spatial import cKDTree
+
+    _, idx = cKDTree(np.column_stack([x_ref, y_ref])).query(np.column_stack([x, y]), k=k)
+    return np.asarray(np.median(values[idx], axis=1), dtype=np.float64)
+
+
 def select_stars(
     sources: Table,
     shape: tuple[int, int],
@@ -201,8 +280,11 @@ def select_stars(
 ) -> Table:
     """Keep isolated, point-like, unsaturated, unmasked, high-S/N detections.
 
-    Point-like means a FWHM within 25% of the median FWHM of the bright detections
-    (which rejects galaxies and cosmic rays) and ``elongation <= max_elongation``.
+    Point-like means ``elongation <= max_elongation`` and a half-light radius within
+    ``size_tolerance`` of the median over the 15 nearest candidates that pass the other
+    cuts (all of them when there are fewer than 30), which rejects galaxies, blends and
+    cosmic rays while following a PSF that varies over the field. Tables without a
+    ``half_light_radius`` column are judged on ``fwhm`` instead.
 
     Parameters
     ----------
@@ -236,10 +318,12 @@ def select_stars(
         & (y >= cfg.edge_margin)
         & (y < ny - cfg.edge_margin)
     )
-    fwhm = np.asarray(sources["fwhm"])
+    size_column = "half_light_radius" if "half_light_radius" in sources.colnames else "fwhm"
+    size = np.asarray(sources[size_column], dtype=np.float64)
+    ok &= np.isfinite(size)
     if np.count_nonzero(ok) >= 3:
-        typical = float(np.median(fwhm[ok]))
-        ok &= np.abs(fwhm - typical) <= 0.25 * typical
+        typical = _local_median(size[ok], x[ok], y[ok], x, y, _N_LOCAL)
+        ok &= np.abs(size - typical) <= cfg.size_tolerance * typical
     selected = sources[ok]
     selected.sort("flux", reverse=True)
     return selected

@@ -1,0 +1,1 @@
+"""Wiring of the science stages: adapters that load, run and save."""

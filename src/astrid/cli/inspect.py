@@ -20,6 +20,9 @@ def inspect(
         None, "--hdu", help="HDU index or name holding the image (default: the first image)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    min_stars: int = typer.Option(
+        10, "--min-stars", min=1, help="Clean stars needed for a PSF model and to pass the gate."
+    ),
 ) -> None:
     """Measure seeing, background, noise, depth and star count, and apply the quality gate.
 
@@ -28,13 +31,21 @@ def inspect(
     and reasons. The exit code is 0 whether or not the gate passes; a file that cannot be
     read exits with code 3.
     """
-    from astrid.pipeline.characterize import characterize
+    from dataclasses import replace
+
+    from astrid.pipeline.characterize import CharacterizeConfig, characterize
 
     which: int | str | None = None
     if hdu is not None:
         which = int(hdu) if hdu.lstrip("-").isdigit() else hdu
     exposure = read_exposure(file, hdu=which)
-    result = characterize(exposure)
+    base = CharacterizeConfig()
+    config = replace(
+        base,
+        psf=replace(base.psf, min_stars=min_stars),
+        quality=replace(base.quality, min_stars=min_stars),
+    )
+    result = characterize(exposure, config=config)
     report = result.quality.as_dict()
     report = {
         "file": str(file),

@@ -111,8 +111,10 @@ def psf_photometry(
         xi, yi = float(x[i]), float(y[i])
         ix, iy = int(np.floor(xi + 0.5)), int(np.floor(yi + 0.5))
         stamp = np.asarray(psf.at(xi, yi), np.float64)
+        has_negative_lobes = bool((stamp < 0).any())  # e.g. a decorrelated difference PSF
         stamp = nd_shift(stamp, (yi - iy, xi - ix), order=3, mode="constant")
-        stamp = np.clip(stamp, 0.0, None)
+        if not has_negative_lobes:
+            stamp = np.clip(stamp, 0.0, None)  # remove the cubic shift's ringing only
         stamp /= stamp.sum()
         y0, y1 = iy - half, iy + half + 1
         x0, x1 = ix - half, ix + half + 1

@@ -24,7 +24,7 @@ demo: install
 test: install-test
 	$(BIN)/ruff check src bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --durations=15
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --durations=15
 
 lint: install-test
 	$(BIN)/ruff check src bench

@@ -16,3 +16,7 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.simulate import simulate
 
     app.command("simulate")(simulate)
+
+    from astrid.cli.align import align
+
+    app.command("align")(align)

@@ -8,6 +8,7 @@ recorded with a precise reason and a user can see what to fix. All errors derive
 from __future__ import annotations
 
 __all__ = [
+    "AlertFormatError",
     "AstridError",
     "BackendUnavailable",
     "BadImageShape",
@@ -300,3 +301,24 @@ class BackendUnavailable(AstridError):
         self.backend = backend
         self.reason = reason
         super().__init__(f"backend {backend!r} is not available: {reason}")
+
+
+class AlertFormatError(AstridError):
+    """A file is not a readable ZTF or Rubin alert packet.
+
+    Raised for a file that is neither Avro nor a JSON alert export, a truncated or
+    corrupt Avro container, a record without the alert identifiers, a missing cutout,
+    or a cutout stamp that is not valid (gzipped) FITS image data.
+
+    Parameters
+    ----------
+    path : str
+        The file that failed.
+    reason : str
+        What is wrong with it (which record and which field, where known).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot read {path!r} as an alert packet: {reason}")

@@ -20,3 +20,7 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.align import align
 
     app.command("align")(align)
+
+    from astrid.cli.alerts import alerts_info
+
+    app.command("alerts-info")(alerts_info)

@@ -1,0 +1,1 @@
+"""Machine learning for AstrID: alert and candidate cutouts, real/bogus models."""

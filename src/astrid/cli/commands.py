@@ -24,3 +24,7 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.alerts import alerts_info
 
     app.command("alerts-info")(alerts_info)
+
+    from astrid.cli.subtract import subtract
+
+    app.command("subtract")(subtract)

@@ -148,6 +148,7 @@ def detect_candidates(
     wcs: WCS | None = None,
     zero_point: float | None = None,
     reference_sources: Table | None = None,
+    flux_conversion: float = 1.0,
     config: DetectConfig | None = None,
 ) -> QTable:
     """Find positive and negative candidates on a score image and measure them on D.
@@ -169,8 +170,12 @@ def detect_candidates(
     zero_point : float or None
         Magnitude of 1 data unit of flux in ``difference``; ``mag`` is NaN without one.
     reference_sources : Table or None
-        Sources of the reference on the same grid (``x``, ``y``, ``flux``) for the
-        nearest-source columns.
+        Sources of the reference on the same grid (``x``, ``y``, ``flux`` in data units
+        of the image ``zero_point`` applies to) for the nearest-source columns.
+    flux_conversion : float
+        Factor taking a PSF-fit flux on ``difference`` to the data units ``zero_point``
+        refers to (e.g. ZOGY's ``flux_ratio / F_D``); ``flux`` and ``flux_err`` are
+        reported after it.
     config : DetectConfig or None
         Options.
 
@@ -179,7 +184,8 @@ def detect_candidates(
     astropy.table.QTable
         One row per candidate: ``x``, ``y`` (0-based pix), ``ra``, ``dec`` (deg),
         ``polarity`` (+1 brighter in science, -1 fainter), ``score_peak``, ``flux``,
-        ``flux_err`` (data units of D, signed), ``snr``, ``mag``, ``mag_err`` (of |flux|),
+        ``flux_err`` (signed; data units of D times ``flux_conversion``), ``snr``,
+        ``mag``, ``mag_err`` (of |flux|),
         ``fwhm`` (pix), ``elongation``, ``is_dipole``, ``masked_fraction``,
         ``ref_distance`` (pix), ``ref_mag``, ``is_edge``.
     """
@@ -218,6 +224,8 @@ def detect_candidates(
     a = np.array([o["a"] for _, o in found], np.float64)
     b = np.array([o["b"] for _, o in found], np.float64)
     flux, flux_err, masked_frac = psf_photometry(d, variance, x, y, psf, mask=bad)
+    flux = flux * flux_conversion
+    flux_err = flux_err * abs(flux_conversion)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = flux / flux_err
         elong = np.where(b > 0, a / b, np.inf)

@@ -11,13 +11,14 @@ from astrid.science.psf import measure_fwhm
 from astrid.science.simulate import (
     EpochConditions,
     FieldConfig,
+    SimulatedField,
     simulate_exposure,
     simulate_field,
 )
 
 
 @pytest.fixture(scope="module")
-def field():  # type: ignore[no-untyped-def]
+def field() -> SimulatedField:
     config = FieldConfig(
         shape=(768, 768), n_stars=700, n_galaxies=100, psf_variation=0.0, cosmic_ray_rate=0.0
     )
@@ -25,7 +26,7 @@ def field():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("fwhm_arcsec", [1.0, 2.0])
-def test_psf_fwhm_recovered_within_5_percent(field, fwhm_arcsec: float) -> None:  # type: ignore[no-untyped-def]
+def test_psf_fwhm_recovered_within_5_percent(field: SimulatedField, fwhm_arcsec: float) -> None:
     sim = simulate_exposure(field, EpochConditions(fwhm=fwhm_arcsec, exposure_time=60.0), seed=7)
     result = characterize(sim.exposure)
     # Truth: the FWHM of the true PSF as the pixels sample it (the nominal profile FWHM
@@ -37,7 +38,7 @@ def test_psf_fwhm_recovered_within_5_percent(field, fwhm_arcsec: float) -> None:
     assert result.quality.passed, result.quality.reasons
 
 
-def test_limiting_magnitude_matches_injected_star_recovery(field) -> None:  # type: ignore[no-untyped-def]
+def test_limiting_magnitude_matches_injected_star_recovery(field: SimulatedField) -> None:
     """Stars injected at the 5-sigma limit are measured at S/N ~5 and found half the time."""
     sim = simulate_exposure(field, EpochConditions(fwhm=1.2, exposure_time=60.0), seed=3)
     result = characterize(sim.exposure)
@@ -49,7 +50,8 @@ def test_limiting_magnitude_matches_injected_star_recovery(field) -> None:  # ty
     # Inject on a grid of positions away from catalogue sources (and one another).
     stars = result.sources
     n = 0
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     while len(xs) < 300 and n < 20000:
         n += 1
         x, y = rng.uniform(30, 738, 2)

@@ -35,7 +35,9 @@ def test_psf_photometry_is_unbiased_with_the_right_error() -> None:
     for _ in range(200):
         img = rng.normal(0.0, sigma, (41, 41))
         _place(img, psf, 20.3, 19.8, 500.0)
-        f, e, frac = psf_photometry(img, np.full(img.shape, sigma**2), [20.3], [19.8], psf)
+        f, e, frac = psf_photometry(
+            img, np.full(img.shape, sigma**2), np.array([20.3]), np.array([19.8]), psf
+        )
         fluxes.append(f[0])
         errs.append(e[0])
         assert frac[0] == pytest.approx(0.0, abs=1e-9)

@@ -11,6 +11,7 @@ from astrid.exposure import MaskBit
 from astrid.science.psf_model import PsfModel, gaussian_fwhm_to_sigma
 from astrid.science.quality import (
     QualityConfig,
+    QualityReport,
     gate_quality,
     limiting_flux,
     measure_quality,
@@ -27,7 +28,7 @@ def test_limiting_flux_of_a_gaussian_matches_the_closed_form() -> None:
     assert limiting_flux(3.0, psf) == pytest.approx(expected, rel=1e-3)
 
 
-def _report(**kw: object) -> object:
+def _report(**kw: object) -> QualityReport:
     shape = (100, 100)
     mask = np.zeros(shape, np.uint16)
     mask[:10, :] |= np.uint16(MaskBit.SATURATED)  # 10 %

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidPsf",
     "InvalidSection",
     "MissingHeaderKeywords",
+    "ModelNotAvailable",
     "NoCelestialWcs",
     "ShapeMismatch",
     "StarMatchFailed",
@@ -322,3 +323,21 @@ class AlertFormatError(AstridError):
         self.path = path
         self.reason = reason
         super().__init__(f"cannot read {path!r} as an alert packet: {reason}")
+
+
+class ModelNotAvailable(AstridError):
+    """A trained model cannot be loaded; nothing falls back to an untrained one.
+
+    Parameters
+    ----------
+    name : str
+        The model asked for (a registered name, a packaged model's name or a path).
+    reason : str
+        Why it cannot be used (weights file missing, checksum mismatch, no version with
+        that alias).
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"model {name!r} is not available: {reason}")

@@ -1,0 +1,386 @@
+"""Neural networks for real/bogus classification of difference-image candidates.
+
+Two models, both plain :class:`torch.nn.Module` subclasses built from a frozen config:
+
+* :class:`TripletCnn` scores one candidate from its cutout triplet, a ``(3, 63, 63)``
+  stack of science, reference and difference stamps (channel order as
+  :class:`~astrid.science.detect.Cutouts`), and returns one logit. It follows the shape of
+  braai (Duev et al. 2019, ZTF's real/bogus network): a few convolution blocks with max
+  pooling, then a small dense head; global average and max pooling replace braai's
+  flattening, which keeps it under 100k parameters and fast on a CPU.
+* :class:`HeatmapUNet` maps a whole difference tile ``(1, ny, nx)`` to a heat map of logits
+  of the same size, high where a real transient is; :func:`heatmap_scores` turns the heat
+  map into one score per candidate position.
+
+Inputs are expected already normalised (see :func:`astrid.ml.alerts.normalise_triplet`);
+normalisation is deliberately kept out of the models so that one trained network can be
+fed by any front end that applies the same normalisation, whose name the model's metadata
+records.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import ArrayLike, NDArray
+from scipy.special import expit
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = [
+    "HeatmapUNet",
+    "TripletCnn",
+    "TripletCnnConfig",
+    "UNetConfig",
+    "count_parameters",
+    "fuse_batch_norm",
+    "heatmap_scores",
+    "predict_heatmap",
+    "predict_logits",
+]
+
+
+@dataclass(frozen=True)
+class TripletCnnConfig:
+    """Architecture of :class:`TripletCnn`.
+
+    Attributes
+    ----------
+    in_channels : int
+        Input planes: science, reference and difference.
+    cutout_size : int
+        Side of the square stamps, in pixels (63 as ZTF and
+        :func:`~astrid.science.detect.make_cutouts`). The network itself accepts any size;
+        this records what it was trained on.
+    stem_channels : int
+        Channels of the first convolution (5 x 5, stride 2), which halves the stamp.
+    block_channels : tuple of int
+        Channels of the 3 x 3 convolution blocks after the stem; every block but the last
+        is followed by a 2 x 2 max pooling.
+    hidden : int
+        Units of the dense layer of the head.
+    dropout : float
+        Dropout before the output layer, during training only.
+    """
+
+    in_channels: int = 3
+    cutout_size: int = 63
+    stem_channels: int = 16
+    block_channels: tuple[int, ...] = (16, 32, 64, 64)
+    hidden: int = 32
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.block_channels:
+            raise ValueError("block_channels must name at least one block")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+
+
+class _ConvBlock(nn.Module):
+    """Convolution, batch normalisation, ReLU and an optional 2 x 2 max pooling."""
+
+    def __init__(
+        self, n_in: int, n_out: int, *, kernel: int = 3, stride: int = 1, pool: bool = False
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(n_in, n_out, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.bn: nn.Module = nn.BatchNorm2d(n_out)
+        self.pool: nn.Module = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(F.relu(self.bn(self.conv(x)), inplace=True))
+
+
+class TripletCnn(nn.Module):
+    """Real/bogus classifier of candidate cutout triplets.
+
+    Parameters
+    ----------
+    config : TripletCnnConfig
+        Architecture; the default has about 68k parameters.
+
+    Notes
+    -----
+    ``forward`` takes a float tensor of shape ``(n, 3, ny, nx)`` (science, reference,
+    difference, normalised) and returns logits of shape ``(n,)``; ``sigmoid(logit)`` is the
+    uncalibrated probability that the candidate is real. Calibrated probabilities divide
+    the logit by the temperature fitted with :func:`astrid.ml.train.fit_temperature`.
+    """
+
+    def __init__(self, config: TripletCnnConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else TripletCnnConfig()
+        c = self.config
+        self.stem = _ConvBlock(c.in_channels, c.stem_channels, kernel=5, stride=2)
+        blocks: list[nn.Module] = []
+        n_in = c.stem_channels
+        for i, n_out in enumerate(c.block_channels):
+            blocks.append(_ConvBlock(n_in, n_out, pool=i < len(c.block_channels) - 1))
+            n_in = n_out
+        self.blocks = nn.Sequential(*blocks)
+        # Average pooling sees the whole stamp; max pooling keeps a compact feature (a
+        # point source, a cosmic ray) from being diluted by the empty rest of the stamp.
+        self.head = nn.Sequential(
+            nn.Linear(2 * n_in, c.hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(c.dropout),
+            nn.Linear(c.hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(self.stem(x))
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled).squeeze(1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of :class:`HeatmapUNet`.
+
+    Attributes
+    ----------
+    in_channels : int
+        Input planes; 1 for a difference image (or its significance image).
+    base_channels : int
+        Channels at full resolution; each level down doubles them.
+    depth : int
+        Number of 2 x 2 down-samplings. Tiles whose sides are not multiples of
+        ``2**depth`` are zero-padded on the far side and the output cropped back.
+    """
+
+    in_channels: int = 1
+    base_channels: int = 8
+    depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be at least 1, not {self.depth}")
+        if self.base_channels < 1:
+            raise ValueError(f"base_channels must be positive, not {self.base_channels}")
+
+
+class _DoubleConv(nn.Module):
+    """Two 3 x 3 convolutions, each with batch normalisation and ReLU."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.first = _ConvBlock(n_in, n_out)
+        self.second = _ConvBlock(n_out, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class HeatmapUNet(nn.Module):
+    """Small U-Net that turns a difference tile into a heat map of real transients.
+
+    Parameters
+    ----------
+    config : UNetConfig
+        Architecture; the default (8 base channels, depth 2) has about 30k parameters.
+
+    Notes
+    -----
+    ``forward`` takes ``(n, 1, ny, nx)`` (normalised difference tiles, any size; 64 x 64 to
+    256 x 256 are typical) and returns logits of shape ``(n, 1, ny, nx)``, aligned pixel
+    for pixel with the input. It is trained against disks of 1 around the true positions
+    of real transients (:func:`astrid.ml.train.heatmap_target`).
+    """
+
+    def __init__(self, config: UNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else UNetConfig()
+        c = self.config
+        widths = [c.base_channels * 2**level for level in range(c.depth + 1)]
+        self.encoders = nn.ModuleList()
+        n_in = c.in_channels
+        for width in widths[:-1]:
+            self.encoders.append(_DoubleConv(n_in, width))
+            n_in = width
+        self.bottleneck = _DoubleConv(widths[-2], widths[-1])
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in range(c.depth - 1, -1, -1):
+            self.upsamplers.append(
+                nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2)
+            )
+            self.decoders.append(_DoubleConv(2 * widths[level], widths[level]))
+        self.output = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ny, nx = x.shape[-2:]
+        multiple = 2**self.config.depth
+        pad_y, pad_x = (-ny) % multiple, (-nx) % multiple
+        if pad_y or pad_x:
+            x = F.pad(x, (0, pad_x, 0, pad_y))
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for upsample, decoder, skip in zip(
+            self.upsamplers, self.decoders, reversed(skips), strict=True
+        ):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        return self.output(x)[..., :ny, :nx]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fuse_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference, with batch normalisation folded into convolutions.
+
+    Each convolution block's batch normalisation (in its evaluation form, with the running
+    statistics) is merged into the preceding convolution's weights and bias, which removes
+    a pass over every activation. The result computes the same function as
+    ``model.eval()`` up to float rounding; it is in evaluation mode and not for training.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`TripletCnn` or :class:`HeatmapUNet` (any module built of their blocks).
+
+    Returns
+    -------
+    nn.Module
+        The fused copy; ``model`` is unchanged.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if isinstance(module, _ConvBlock) and isinstance(module.bn, nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = nn.Identity()
+    return fused
+
+
+def predict_logits(
+    model: nn.Module,
+    triplets: ArrayLike,
+    *,
+    batch_size: int = 256,
+) -> NDArray[np.float32]:
+    """Logits of a triplet classifier for a stack of normalised triplets.
+
+    The model is put in evaluation mode and its parameters in ``channels_last`` memory
+    layout (faster convolutions on CPUs; both changes stay on ``model``), then run under
+    :func:`torch.inference_mode` batch by batch. For serving, pass the output of
+    :func:`fuse_batch_norm`, as :class:`~astrid.ml.serve.Scorer` does.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`TripletCnn` (or any module mapping ``(n, 3, ny, nx)`` to ``(n,)``).
+    triplets : array_like, shape (n, 3, ny, nx)
+        Normalised cutout triplets.
+    batch_size : int
+        Triplets per forward pass.
+
+    Returns
+    -------
+    ndarray of float32, shape (n,)
+        One logit per triplet.
+    """
+    data = np.ascontiguousarray(triplets, dtype=np.float32)
+    if data.ndim != 4:
+        raise ValueError(f"expected triplets of shape (n, 3, ny, nx), got {data.shape}")
+    model.eval()
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    out = np.empty(len(data), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            batch = torch.from_numpy(data[start : start + batch_size])
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            out[start : start + len(batch)] = model(batch).float().numpy()
+    return out
+
+
+def predict_heatmap(model: nn.Module, tiles: ArrayLike) -> NDArray[np.float32]:
+    """Heat-map logits of a :class:`HeatmapUNet` for one tile or a stack of tiles.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The U-Net.
+    tiles : array_like, shape (ny, nx) or (n, ny, nx) or (n, 1, ny, nx)
+        Normalised difference tiles.
+
+    Returns
+    -------
+    ndarray of float32
+        Logits with the shape of ``tiles``.
+    """
+    data = np.ascontiguousarray(tiles, dtype=np.float32)
+    shape = data.shape
+    if data.ndim == 2:
+        data = data[None, None]
+    elif data.ndim == 3:
+        data = data[:, None]
+    elif data.ndim != 4:
+        raise ValueError(
+            f"expected tiles of shape (ny, nx), (n, ny, nx) or (n, 1, ny, nx), got {shape}"
+        )
+    model.eval()
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(data)).float().numpy()
+    return logits.reshape(shape)
+
+
+def heatmap_scores(
+    heatmap: ArrayLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    radius: float = 3.0,
+    logits: bool = True,
+) -> NDArray[np.float64]:
+    """Score candidates from a heat map: the largest probability within ``radius``.
+
+    Parameters
+    ----------
+    heatmap : array_like, shape (ny, nx)
+        Output of :class:`HeatmapUNet` for one tile (logits), or probabilities.
+    x, y : array_like, shape (n,)
+        0-based pixel positions of the candidates in the tile (``x`` along columns).
+    radius : float
+        Pixels whose centres lie within this distance of a candidate are considered.
+    logits : bool
+        True when ``heatmap`` holds logits (a sigmoid is applied), False when it already
+        holds probabilities.
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        The maximum of ``sigmoid(heatmap)`` over each candidate's disk; NaN for a
+        candidate whose disk contains no pixel of the tile.
+    """
+    grid = np.asarray(heatmap, dtype=np.float64)
+    if grid.ndim != 2:
+        raise ValueError(f"expected a 2-D heat map, got shape {grid.shape}")
+    if radius < 0:
+        raise ValueError(f"radius must be non-negative, not {radius}")
+    probs = expit(grid) if logits else grid
+    xs = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    ys = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y differ in shape: {xs.shape} and {ys.shape}")
+    ny, nx = grid.shape
+    out = np.full(xs.shape, np.nan)
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        x0, x1 = max(0, int(np.ceil(xi - radius))), min(nx, int(np.floor(xi + radius)) + 1)
+        y0, y1 = max(0, int(np.ceil(yi - radius))), min(ny, int(np.floor(yi + radius)) + 1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        inside = (xx - xi) ** 2 + (yy - yi) ** 2 <= radius**2
+        if inside.any():
+            out[i] = float(probs[y0:y1, x0:x1][inside].max())
+    return out

@@ -1,0 +1,86 @@
+"""Tests of the network architectures and the heat-map scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+
+from astrid.ml.models import (
+    HeatmapUNet,
+    TripletCnn,
+    TripletCnnConfig,
+    UNetConfig,
+    count_parameters,
+    fuse_batch_norm,
+    heatmap_scores,
+    predict_heatmap,
+    predict_logits,
+)
+
+torch.set_num_threads(1)
+
+
+def test_triplet_cnn_is_small_and_gives_one_logit_per_triplet() -> None:
+    torch.manual_seed(0)
+    model = TripletCnn()
+    assert count_parameters(model) < 100_000
+    x = np.random.default_rng(0).normal(size=(5, 3, 63, 63)).astype(np.float32)
+    logits = predict_logits(model, x, batch_size=2)
+    assert logits.shape == (5,)
+    assert logits.dtype == np.float32
+    assert np.all(np.isfinite(logits))
+
+
+def test_fused_batch_norm_computes_the_same_function() -> None:
+    torch.manual_seed(1)
+    model = TripletCnn(TripletCnnConfig(block_channels=(8, 16)))
+    for module in model.modules():  # non-trivial running statistics and affine terms
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    x = np.random.default_rng(1).normal(size=(4, 3, 63, 63)).astype(np.float32)
+    expected = predict_logits(model, x)
+    fused = fuse_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    np.testing.assert_allclose(predict_logits(fused, x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 77), (31, 45)])
+def test_unet_keeps_the_tile_shape(shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    model = HeatmapUNet(UNetConfig(base_channels=4, depth=2))
+    tiles = np.random.default_rng(0).normal(size=(2, *shape))
+    heat = predict_heatmap(model, tiles)
+    assert heat.shape == (2, *shape)
+    assert predict_heatmap(model, tiles[0]).shape == shape
+
+
+def test_default_unet_runs_on_a_256_tile() -> None:
+    torch.manual_seed(0)
+    model = HeatmapUNet()
+    assert count_parameters(model) < 100_000
+    heat = predict_heatmap(model, np.zeros((1, 1, 256, 256), np.float32))
+    assert heat.shape == (1, 1, 256, 256)
+
+
+def test_heatmap_scores_take_the_maximum_within_the_radius() -> None:
+    heat = np.full((10, 12), -10.0)
+    heat[5, 7] = 3.0  # row y=5, column x=7
+    heat[0, 0] = 1.0
+    scores = heatmap_scores(
+        heat, x=[7.0, 9.0, 10.0, 0.4, 50.0], y=[5.0, 5.0, 5.0, 0.3, 50.0], radius=2.0
+    )
+    assert scores[0] == pytest.approx(expit(3.0))
+    assert scores[1] == pytest.approx(expit(3.0))  # distance exactly 2: inside
+    assert scores[2] == pytest.approx(expit(-10.0))  # distance 3: outside
+    assert scores[3] == pytest.approx(expit(1.0))
+    assert np.isnan(scores[4])  # no pixel of the tile within reach
+    probs = expit(heat)
+    np.testing.assert_allclose(
+        heatmap_scores(probs, [7.0], [5.0], radius=0.0, logits=False), [expit(3.0)]
+    )

@@ -1,0 +1,117 @@
+"""Tests of model bundles, the scorer and shadow scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+
+from astrid.errors import BadImageShape, ModelNotAvailable
+from astrid.ml.alerts import normalise_triplet
+from astrid.ml.models import TripletCnn, TripletCnnConfig, fuse_batch_norm, predict_logits
+from astrid.ml.serve import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    Scorer,
+    packaged_model_path,
+    save_model_bundle,
+    shadow_score,
+)
+from astrid.ml.tests.toy_triplets import make_toy_triplets
+
+torch.set_num_threads(1)
+
+SMALL = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+
+
+def _model(seed: int) -> TripletCnn:
+    torch.manual_seed(seed)
+    return TripletCnn(SMALL).eval()
+
+
+@pytest.fixture(scope="module")
+def raw_triplets() -> np.ndarray:
+    triplets, _, _, _ = make_toy_triplets(12, seed=3, normalise=False)
+    return triplets
+
+
+def test_bundle_round_trip_scores_like_the_model(tmp_path: Path, raw_triplets) -> None:
+    model = _model(0)
+    meta = save_model_bundle(
+        tmp_path / "rb",
+        model,
+        name="real_bogus",
+        version="7",
+        temperature=1.7,
+        metrics={"auc": 0.99},
+        dataset_hash="abc",
+    )
+    assert meta.weights_sha256 and meta.model_config["block_channels"] == [8, 8]
+    scorer = Scorer.from_path(tmp_path / "rb", batch_size=5)
+    assert scorer.version == "7" and scorer.metadata == meta
+    scores = scorer.score(raw_triplets)  # raw cutouts with NaN: the scorer normalises
+    expected_logits = predict_logits(fuse_batch_norm(model), normalise_triplet(raw_triplets))
+    np.testing.assert_allclose(scores, expit(expected_logits / 1.7), rtol=1e-6)
+    np.testing.assert_allclose(
+        scorer.score(normalise_triplet(raw_triplets), normalised=True), scores, rtol=1e-6
+    )
+    assert scorer.score(raw_triplets[0]).shape == (1,)
+
+
+def test_missing_or_damaged_bundles_raise_model_not_available(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotAvailable, match="no model bundle folder") as info:
+        Scorer.from_path(tmp_path / "nowhere")
+    assert info.value.reason
+    with pytest.raises(ModelNotAvailable, match="no packaged weights"):
+        Scorer.packaged("no_such_model")
+    with pytest.raises(ModelNotAvailable):
+        packaged_model_path("no_such_model")
+
+    folder = tmp_path / "rb"
+    save_model_bundle(folder, _model(0), name="rb", version="1", temperature=1.0)
+    (folder / WEIGHTS_FILE).write_bytes((folder / WEIGHTS_FILE).read_bytes()[:-10])
+    with pytest.raises(ModelNotAvailable, match="SHA-256"):
+        Scorer.from_path(folder)
+    (folder / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelNotAvailable, match=r"missing weights\.pt"):
+        Scorer.from_path(folder)
+
+    save_model_bundle(folder, _model(0), name="rb", version="1", temperature=1.0)
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    meta["normalisation"] = "something_else"
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelNotAvailable, match="unknown input normalisation"):
+        Scorer.from_path(folder)
+    meta["normalisation"] = "none"
+    meta["model_config"]["block_channels"] = [8, 16]  # does not match the weights
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelNotAvailable, match="weights do not load"):
+        Scorer.from_path(folder)
+    (folder / METADATA_FILE).write_text("{not json")
+    with pytest.raises(ModelNotAvailable, match="unreadable"):
+        Scorer.from_path(folder)
+
+
+def test_scorer_checks_the_input_shape(tmp_path: Path) -> None:
+    save_model_bundle(tmp_path, _model(0), name="rb", version="1", temperature=1.0)
+    scorer = Scorer.from_path(tmp_path)
+    with pytest.raises(BadImageShape):
+        scorer.score(np.zeros((2, 3, 32, 32)))
+    with pytest.raises(BadImageShape):
+        scorer.score(np.zeros((2, 2, 63, 63)))
+
+
+def test_shadow_mode_scores_with_both_models(tmp_path: Path, raw_triplets) -> None:
+    save_model_bundle(tmp_path / "a", _model(0), name="rb", version="1", temperature=1.0)
+    save_model_bundle(tmp_path / "b", _model(1), name="rb", version="2", temperature=2.0)
+    champion, challenger = Scorer.from_path(tmp_path / "a"), Scorer.from_path(tmp_path / "b")
+    shadow = shadow_score(champion, challenger, raw_triplets)
+    assert (shadow.champion_version, shadow.challenger_version) == ("1", "2")
+    np.testing.assert_allclose(shadow.champion, champion.score(raw_triplets))
+    np.testing.assert_allclose(shadow.challenger, challenger.score(raw_triplets))
+    np.testing.assert_allclose(shadow.disagreement, shadow.challenger - shadow.champion)
+    assert not np.allclose(shadow.champion, shadow.challenger)

@@ -1,0 +1,181 @@
+"""Tests of the data split, augmentation, training loops and calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+
+from astrid.ml.metrics import expected_calibration_error, roc_auc
+from astrid.ml.models import TripletCnnConfig, UNetConfig, heatmap_scores, predict_heatmap
+from astrid.ml.tests.toy_triplets import blob, make_toy_triplets
+from astrid.ml.train import (
+    TrainConfig,
+    TripletDataset,
+    apply_temperature,
+    augment_dihedral,
+    binary_nll,
+    dihedral,
+    fit_temperature,
+    heatmap_target,
+    split_by_group,
+    train_classifier,
+    train_heatmap_model,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toy() -> TripletDataset:
+    triplets, labels, groups, snr = make_toy_triplets(400, seed=1, n_groups=16)
+    return TripletDataset(triplets, labels, groups, snr)
+
+
+def test_split_by_group_never_puts_a_group_in_two_splits() -> None:
+    rng = np.random.default_rng(5)
+    groups = rng.choice([f"field-{i}" for i in range(40)], size=2000)
+    split = split_by_group(groups, (0.7, 0.15, 0.15), seed=3)
+    parts = [set(groups[idx]) for idx in (split.train, split.validation, split.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert set().union(*parts) == set(groups)
+    assert sorted(np.r_[split.train, split.validation, split.test]) == list(range(2000))
+    for k, (idx, share) in enumerate(
+        zip((split.train, split.validation, split.test), (0.7, 0.15, 0.15), strict=True)
+    ):
+        assert np.all(split.assignment[idx] == k)
+        assert set(split.groups[k]) == parts[k]
+        assert abs(len(idx) / 2000 - share) < 0.08
+    again = split_by_group(groups, (0.7, 0.15, 0.15), seed=3)
+    np.testing.assert_array_equal(again.assignment, split.assignment)
+    other = split_by_group(groups, (0.7, 0.15, 0.15), seed=4)
+    assert not np.array_equal(other.assignment, split.assignment)
+
+
+def test_split_by_group_fills_every_requested_split() -> None:
+    groups = np.r_[np.zeros(100, int), np.ones(3, int), np.full(3, 2)]  # one dominant field
+    split = split_by_group(groups, (0.8, 0.1, 0.1), seed=0)
+    assert all(len(idx) > 0 for idx in (split.train, split.validation, split.test))
+    no_test = split_by_group(groups, (0.5, 0.5, 0.0), seed=0)
+    assert len(no_test.test) == 0
+    with pytest.raises(ValueError, match="2 groups cannot fill 3 splits"):
+        split_by_group([1, 1, 2], (0.6, 0.2, 0.2))
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_by_group([1, 2, 3], (0.6, 0.2, 0.3))
+
+
+def test_dataset_checks_and_split(toy: TripletDataset) -> None:
+    split = split_by_group(toy.groups, (0.6, 0.2, 0.2), seed=0)
+    train, validation, test = toy.split(split)
+    assert len(train) + len(validation) + len(test) == len(toy)
+    assert not set(train.groups) & set(validation.groups)
+    bad = toy.triplets[:2].copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        TripletDataset(bad, toy.labels[:2], toy.groups[:2])
+    with pytest.raises(ValueError, match=r"0 \(bogus\) or 1"):
+        TripletDataset(toy.triplets[:2], np.array([0, 3]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="in both splits"):
+        train_classifier(train, train)
+
+
+def test_dihedral_gives_the_eight_symmetries_of_the_square() -> None:
+    image = np.arange(9.0).reshape(1, 3, 3)
+    images = [dihedral(image, k) for k in range(8)]
+    assert len({im.tobytes() for im in (np.ascontiguousarray(i) for i in images)}) == 8
+    np.testing.assert_array_equal(images[0], image)
+    np.testing.assert_array_equal(images[4][0], image[0].T)
+    # transforms of examples and of their targets stay paired
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3, 5, 5)).astype(np.float32)
+    out, (target,) = augment_dihedral(x, rng, others=(x[:, :1].copy(),))
+    np.testing.assert_array_equal(out[:, :1], target)
+    assert not np.array_equal(out, x)
+    np.testing.assert_allclose(np.sort(out.ravel()), np.sort(x.ravel()))
+
+
+def test_temperature_scaling_calibrates_an_overconfident_model() -> None:
+    rng = np.random.default_rng(2)
+    true_logits = rng.normal(0.0, 2.0, 5000)
+    labels = (rng.uniform(size=5000) < expit(true_logits)).astype(float)
+    overconfident = 3.0 * true_logits
+    temperature = fit_temperature(overconfident, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    assert binary_nll(overconfident, labels, temperature) < binary_nll(overconfident, labels)
+    before = expected_calibration_error(expit(overconfident), labels)
+    after = expected_calibration_error(apply_temperature(overconfident, temperature), labels)
+    assert after < 0.03 < before
+    # the order of the scores, hence the AUC, does not change
+    assert roc_auc(labels, apply_temperature(overconfident, temperature)) == pytest.approx(
+        roc_auc(labels, overconfident)
+    )
+
+
+def test_cnn_learns_the_toy_problem(toy: TripletDataset) -> None:
+    train, validation, test = toy.split(split_by_group(toy.groups, (0.6, 0.2, 0.2), seed=0))
+    config = TrainConfig(max_epochs=4, patience=2, batch_size=32, learning_rate=3e-3, seed=0)
+    result = train_classifier(train, validation, config=config)
+    assert 1 <= result.best_epoch <= len(result.history) <= 4
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert roc_auc(validation.labels, result.validation_logits) > 0.95
+    from astrid.ml.models import predict_logits
+
+    assert roc_auc(test.labels, predict_logits(result.model, test.triplets)) > 0.95
+    assert 0.05 < result.temperature < 20
+
+
+def test_training_is_reproducible_for_a_seed(toy: TripletDataset) -> None:
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    config = TrainConfig(max_epochs=1, batch_size=16, seed=7)
+    field = np.asarray(toy.groups, dtype=int)
+    train = toy.subset(np.flatnonzero(field < 4))
+    validation = toy.subset(np.flatnonzero(field == 4))
+    state_before = torch.random.get_rng_state()
+    first = train_classifier(train, validation, model_config=small, config=config)
+    second = train_classifier(train, validation, model_config=small, config=config)
+    assert torch.equal(torch.random.get_rng_state(), state_before)  # caller's state untouched
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    assert first.temperature == second.temperature
+
+
+def _tiles(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, int, int]]]:
+    """Noise tiles with one real blob each and one cosmic-ray pixel elsewhere."""
+    rng = np.random.default_rng(seed)
+    size = 32
+    tiles = rng.normal(0, 1, (n, size, size))
+    targets = np.empty_like(tiles)
+    fakes = []
+    for i in range(n):
+        x, y = rng.uniform(6, 26, 2)
+        tiles[i] += blob(size, x, y, 1.5, rng.uniform(6, 15))
+        targets[i] = heatmap_target((size, size), [x], [y], radius=2.0)
+        fx, fy = (round(x) + 10) % 28 + 2, (round(y) + 12) % 28 + 2
+        tiles[i, fy, fx] += 20.0
+        fakes.append((x, y, fx, fy))
+    return tiles.astype(np.float32), targets.astype(np.float32), fakes
+
+
+def test_unet_learns_to_mark_real_blobs_and_not_cosmic_rays() -> None:
+    train_x, train_y, _ = _tiles(48, seed=0)
+    val_x, val_y, positions = _tiles(8, seed=1)
+    config = TrainConfig(
+        max_epochs=8, patience=3, batch_size=8, learning_rate=1e-2, pos_weight=5.0, seed=0
+    )
+    result = train_heatmap_model(
+        train_x, train_y, val_x, val_y, model_config=UNetConfig(base_channels=4), config=config
+    )
+    assert result.history[result.best_epoch - 1].validation_loss < result.history[0].train_loss
+    heat = predict_heatmap(result.model, val_x)
+    real, fake = [], []
+    for tile, (x, y, fx, fy) in zip(heat, positions, strict=True):
+        real.append(heatmap_scores(tile, [x], [y], radius=2)[0])
+        fake.append(heatmap_scores(tile, [fx], [fy], radius=2)[0])
+    assert np.median(real) > 0.5 > np.median(fake)
+
+
+def test_temperature_at_a_bound_warns() -> None:
+    logits, labels = np.array([-2.0, -1.0, 1.0, 2.0]), np.array([0, 0, 1, 1])  # separable
+    with pytest.warns(UserWarning, match="edge of the search range"):
+        assert fit_temperature(logits, labels) == pytest.approx(0.05, rel=1e-2)

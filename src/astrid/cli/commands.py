@@ -28,3 +28,23 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.subtract import subtract
 
     app.command("subtract")(subtract)
+
+    from astrid.cli.ingest import ingest
+
+    app.command("ingest")(ingest)
+
+    from astrid.cli.process import process
+
+    app.command("process")(process)
+
+    from astrid.cli.status import status
+
+    app.command("status")(status)
+
+    from astrid.cli.candidates import candidates
+
+    app.command("candidates")(candidates)
+
+    from astrid.cli.demo import demo
+
+    app.command("demo")(demo)

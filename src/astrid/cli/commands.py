@@ -48,3 +48,7 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.demo import demo
 
     app.command("demo")(demo)
+
+    from astrid.cli.inject import inject
+
+    app.command("inject")(inject)

@@ -93,11 +93,13 @@ class ZogyConfig:
     ----------
     tiling : {"auto", "always", "never"}
         ``"auto"`` subtracts the whole image at once when both PSFs are constant and in
-        overlapping tiles when either varies; ``"always"`` tiles regardless; ``"never"``
-        uses the PSFs at the image centre for the whole image.
+        overlapping tiles when either varies, whatever the image size, with cores no
+        larger than the spacing of the varying model's grid (so that each tile's PSFs
+        are those of its part of the field); ``"always"`` tiles with ``tile_size``
+        regardless; ``"never"`` uses the PSFs at the image centre for the whole image.
     tile_size : int
-        Side of the core of a tile in pixels (the part of the tile kept in the output).
-        The image is split into equal cores of at most this size.
+        Largest side of the core of a tile in pixels (the part of the tile kept in the
+        output). The image is split into equal cores of at most this size.
     tile_margin : int or None
         Overlap added around each core, in pixels; it must exceed the reach of the ZOGY
         kernels (a few PSF widths). ``None``: three times the larger PSF stamp, at least 32.
@@ -109,6 +111,12 @@ class ZogyConfig:
         when :func:`zogy_subtract` is not given one.
     astrometric_sigma_y : float
         As ``astrometric_sigma_x``, along y.
+    psf_error : float
+        Fractional error of the PSF models, ``ε``: a term ``ε² (S_N² + S_R²)`` is added to
+        the variance of ``S`` in ``S_corr``, as the astrometric terms are (eqs. 25, 30-33),
+        so that the residual a PSF-model error leaves on a bright static source (about
+        ``ε`` times its score) is not a detection. It caps ``S_corr`` of any source near
+        ``1 / ε``; 0 leaves ZOGY's statistic unchanged.
     mask_dilation : int or None
         Radius in pixels by which masked and NaN pixels (and the image border) are grown
         in the output mask. ``None``: half the larger PSF stamp.
@@ -128,6 +136,7 @@ class ZogyConfig:
     padding: int | None = None
     astrometric_sigma_x: float = 0.0
     astrometric_sigma_y: float = 0.0
+    psf_error: float = 0.0
     mask_dilation: int | None = None
     backend: Backend = "numpy"
     dtype: Literal["float32", "float64"] = "float32"
@@ -143,6 +152,8 @@ class ZogyConfig:
         for value in (self.astrometric_sigma_x, self.astrometric_sigma_y):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"astrometric noise must be finite and >= 0, got {value}")
+        if not (math.isfinite(self.psf_error) and 0 <= self.psf_error < 1):
+            raise ValueError(f"psf_error must be in [0, 1), got {self.psf_error}")
         if self.tiling not in ("auto", "always", "never"):
             raise ValueError(f"unknown tiling {self.tiling!r}")
         if self.backend not in ("auto", "numpy", "cupy", "torch"):
@@ -244,6 +255,15 @@ class ZogyResult:
         when untiled).
     difference_zero_point : float
         Flux zero point ``F_D`` of ``difference`` (eq. 15), with ``F_r = 1``.
+    transient_psf : PsfModel
+        PSF in ``difference`` of a point source that is new in the science image, at
+        each position: ``F_n F_r P̂_r P̂_n(x) / (F_D sqrt(σ_n² F_r² |P̂_r|² + σ_r² F_n²
+        |P̂_n|²))`` with the tile's PSFs in the kernel and the science PSF at ``x`` in the
+        numerator (eqs. 13-14 applied to a source drawn with the local PSF), unit sum.
+        It equals ``difference_psf`` at the tile centres and follows the science PSF's
+        variation inside a tile (nodes on a grid of sub-tile cells), so PSF photometry
+        of transients on ``difference`` is not biased by the tiles' constant PSFs. A
+        1x1 grid when both PSFs are constant.
     score : ndarray
         Score image ``S = F_D D ⊗ P̄_D`` (eqs. 12, 17) divided by its standard deviation
         for background noise alone, ``sqrt(F_S)`` (``F_S`` of eq. 41 equals the variance of
@@ -252,7 +272,8 @@ class ZogyResult:
     score_corrected : ndarray
         ``S_corr`` (eq. 25): ``S`` divided by ``sqrt(V(S_N) + V(S_R) + V_ast(S_N) +
         V_ast(S_R))``, with source noise from the variance images (eqs. 26-29) and the
-        astrometric terms (eqs. 30-33). The statistic to threshold for detection.
+        astrometric terms (eqs. 30-33), and the PSF-model term of
+        ``ZogyConfig.psf_error``. The statistic to threshold for detection.
     flux : ndarray
         PSF-photometry flux of a point source centred at each pixel, ``α = S / F_S``
         (eq. 42), converted to science-image data units (``α · flux_ratio``). Negative
@@ -282,6 +303,7 @@ class ZogyResult:
     difference: NDArray[np.floating]
     difference_psf: PsfModel
     difference_zero_point: float
+    transient_psf: PsfModel
     score: NDArray[np.floating]
     score_corrected: NDArray[np.floating]
     flux: NDArray[np.floating]
@@ -733,6 +755,7 @@ def _zogy_tile(
     f_n: float,
     ast_x: float,
     ast_y: float,
+    psf_error: float,
     core: tuple[slice, slice],
     out: dict[str, NDArray[np.floating]],
     out_core: tuple[slice, slice],
@@ -749,7 +772,7 @@ def _zogy_tile(
     r_hat = bk.rfft2(bk.asarray(ref), grid)
     r_hat *= ops.d_r
     astrometric = ast_x > 0 or ast_y > 0
-    if astrometric:
+    if astrometric or psf_error > 0:
         spectrum = n_hat - r_hat  # eq. 13
         out["difference"][out_core] = bk.to_numpy(bk.irfft2(spectrum, grid)[:ny, :nx][core])
         del spectrum
@@ -784,11 +807,15 @@ def _zogy_tile(
         v_s += v_const
         # Round-off can leave tiny or negative values where the fill has zero variance.
         v_s = bk.maximum(v_s, 1e-6 * v_const)
-    if astrometric:
+    if astrometric or psf_error > 0:
         # Eqs. 30, 32: V_ast(S_N) + V_ast(S_R) = Σ_i σ_i² ((∂S_N/∂i)² + (∂S_R/∂i)²).
         v_total = v_s + 0.0 if v_s is not None else bk.asarray(np.full((ny, nx), v_const))
-        _add_gradient_squares(bk, s_n, ast_x**2, ast_y**2, v_total)
-        _add_gradient_squares(bk, s_r, ast_x**2, ast_y**2, v_total)
+        if astrometric:
+            _add_gradient_squares(bk, s_n, ast_x**2, ast_y**2, v_total)
+            _add_gradient_squares(bk, s_r, ast_x**2, ast_y**2, v_total)
+        if psf_error > 0:
+            # A fractional PSF-model error leaves ~ε S_N and ε S_R of each source in S.
+            v_total += (s_n * s_n + s_r * s_r) * psf_error**2
         del s_n, s_r
         score_corr = score / bk.sqrt(v_total)  # eq. 25
         del v_total
@@ -1001,11 +1028,17 @@ def zogy_subtract(
     margin = cfg.tile_margin if cfg.tile_margin is not None else max(32, 3 * max_size)
     dilation = cfg.mask_dilation if cfg.mask_dilation is not None else max_size // 2
     constant = _is_constant(p_n) and _is_constant(p_r)
-    tiled = cfg.tiling == "always" or (
-        cfg.tiling == "auto" and not constant and max(shape) > cfg.tile_size
-    )
-    rows = _split(shape[0], cfg.tile_size) if tiled else [(0, shape[0])]
-    cols = _split(shape[1], cfg.tile_size) if tiled else [(0, shape[1])]
+    tiled = cfg.tiling == "always" or (cfg.tiling == "auto" and not constant)
+    core_y = core_x = cfg.tile_size
+    if cfg.tiling == "auto" and not constant:
+        # At least one tile per node of a varying PSF grid: a tile uses the PSFs at its
+        # centre, and a PSF mismatch leaves residuals of static sources.
+        n_y = max(math.ceil(shape[0] / cfg.tile_size), *(_grid_count(p, 0) for p in (p_n, p_r)))
+        n_x = max(math.ceil(shape[1] / cfg.tile_size), *(_grid_count(p, 1) for p in (p_n, p_r)))
+        core_y = max(16, math.ceil(shape[0] / n_y))
+        core_x = max(16, math.ceil(shape[1] / n_x))
+    rows = _split(shape[0], core_y) if tiled else [(0, shape[0])]
+    cols = _split(shape[1], core_x) if tiled else [(0, shape[1])]
     if not tiled:
         margin = 0
 
@@ -1058,6 +1091,7 @@ def zogy_subtract(
                 f_n=f_n,
                 ast_x=float(ast_x),
                 ast_y=float(ast_y),
+                psf_error=float(cfg.psf_error),
                 core=(slice(y0 - ey0, y1 - ey0), slice(x0 - ex0, x1 - ex0)),
                 out=outputs,
                 out_core=(slice(y0, y1), slice(x0, x1)),
@@ -1073,10 +1107,23 @@ def zogy_subtract(
         fwhm=float(np.median(pd_fwhm)),
         fwhm_grid=pd_fwhm,
     )
+    transient_psf = _transient_psf(
+        p_n,
+        p_r,
+        rows,
+        cols,
+        max_size,
+        difference_psf,
+        sigma_n=sigma_n,
+        sigma_r=sigma_r,
+        f_n=f_n,
+        f_r=f_r,
+    )
     return ZogyResult(
         difference=outputs["difference"],
         difference_psf=difference_psf,
         difference_zero_point=f_d,
+        transient_psf=transient_psf,
         score=outputs["score"],
         score_corrected=outputs["score_corrected"],
         flux=outputs["flux"],
@@ -1088,6 +1135,87 @@ def zogy_subtract(
         noise_reference=sigma_r,
         astrometric_sigma=(float(ast_x), float(ast_y)),
         backend=bk.name,
+    )
+
+
+def _grid_count(psf: PsfInput, axis: int) -> int:
+    """Grid nodes of a PSF model along ``axis`` (0: y, 1: x); 1 for a stamp."""
+    if not isinstance(psf, PsfModel):
+        return 1
+    return len(psf.grid_y) if axis == 0 else len(psf.grid_x)
+
+
+def _grid_spacing(psf: PsfInput) -> float:
+    """Smallest spacing of a varying model's grid in pixels (inf for a constant PSF)."""
+    if not isinstance(psf, PsfModel) or psf.is_constant:
+        return math.inf
+    steps = [np.diff(g) for g in (psf.grid_x, psf.grid_y) if len(g) > 1]
+    return float(min(float(np.min(d)) for d in steps)) if steps else math.inf
+
+
+def _sub_centres(start: int, stop: int, n: int) -> list[float]:
+    """Centres of ``n`` equal sub-cells of the pixel range ``[start, stop)``."""
+    edges = np.linspace(start, stop, n + 1)
+    return [0.5 * (a + b) - 0.5 for a, b in itertools.pairwise(edges)]
+
+
+def _transient_psf(
+    p_n: PsfInput,
+    p_r: PsfInput,
+    rows: list[tuple[int, int]],
+    cols: list[tuple[int, int]],
+    size: int,
+    difference_psf: PsfModel,
+    *,
+    sigma_n: float,
+    sigma_r: float,
+    f_n: float,
+    f_r: float,
+) -> PsfModel:
+    """PSF of ``D`` for a source new in the science image, on sub-tile nodes.
+
+    A source drawn with the science PSF ``P_n(x)`` in a tile whose kernels use ``P_n^t``
+    and ``P_r^t`` appears in ``D`` (eq. 13) as ``F_n F_r P̂_r^t P̂_n(x) / sqrt(den^t)``; its
+    shape follows ``P_n(x)``, which varies inside the tile when the science PSF does.
+    Each tile gets ``s x s`` nodes (``s`` from the ratio of tile to science-grid
+    spacing) at the centres of equal sub-cells, so that bilinear interpolation between
+    nodes follows the science model's own bilinear variation.
+    """
+    if _is_constant(p_n):
+        return difference_psf
+    spacing = _grid_spacing(p_n)
+    tile = max(max(b - a for a, b in rows), max(b - a for a, b in cols))
+    sub = int(min(8, max(1, math.ceil(2.0 * tile / spacing))))
+    grid_y = [c for a, b in rows for c in _sub_centres(a, b, sub)]
+    grid_x = [c for a, b in cols for c in _sub_centres(a, b, sub)]
+    m = scipy.fft.next_fast_len(max(4 * size, 64), real=True)
+    half = size // 2
+    idx = np.arange(-half, half + 1) % m
+    stamps = np.empty((len(grid_y), len(grid_x), size, size), dtype=np.float32)
+    fwhm = np.empty((len(grid_y), len(grid_x)), dtype=np.float64)
+    for ty, (y0, y1) in enumerate(rows):
+        for tx, (x0, x1) in enumerate(cols):
+            xc, yc = 0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)
+            pn_t = np.fft.rfft2(_embed_centred(_pad_stamp(_psf_at(p_n, xc, yc), size), (m, m)))
+            pr_t = np.fft.rfft2(_embed_centred(_pad_stamp(_psf_at(p_r, xc, yc), size), (m, m)))
+            den = sigma_n**2 * f_r**2 * np.abs(pr_t) ** 2 + sigma_r**2 * f_n**2 * np.abs(pn_t) ** 2
+            kernel = pr_t / np.sqrt(np.maximum(den, np.finfo(np.float64).tiny))
+            for j in range(sub):
+                gy = ty * sub + j
+                for i in range(sub):
+                    gx = tx * sub + i
+                    here = _pad_stamp(_psf_at(p_n, grid_x[gx], grid_y[gy]), size)
+                    spectrum = kernel * np.fft.rfft2(_embed_centred(here, (m, m)))
+                    image = np.fft.irfft2(spectrum, s=(m, m))[np.ix_(idx, idx)]
+                    image /= image.sum()
+                    stamps[gy, gx] = image
+                    fwhm[gy, gx] = _stamp_fwhm(image)
+    return PsfModel(
+        stamps=stamps,
+        grid_x=np.asarray(grid_x, dtype=np.float64),
+        grid_y=np.asarray(grid_y, dtype=np.float64),
+        fwhm=float(np.median(fwhm)),
+        fwhm_grid=fwhm,
     )
 
 

@@ -117,8 +117,9 @@ def test_transients_recovered_with_their_flux(
     clean = ~matched["is_edge"]
     ratio = np.asarray(matched["flux"][clean]) / np.asarray(truth["flux"][found][clean])
     err = np.asarray(matched["flux_err"][clean]) / np.asarray(truth["flux"][found][clean])
-    # Loose per-source bound here; the injection-recovery harness measures the bias.
-    assert np.all(np.abs(ratio - 1) < 3 * err + 0.12)
+    # Per source: noise plus the PSF model's error at that position (up to ~3% in flux
+    # for models from 20-40 stars); the injection-recovery harness measures the bias.
+    assert np.all(np.abs(ratio - 1) < 3 * err + 0.07)
     assert np.median(ratio) == pytest.approx(1.0, abs=0.06)
     assert np.all(~pos["is_dipole"][j[found]])
 

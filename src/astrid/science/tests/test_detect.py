@@ -7,7 +7,12 @@ import pytest
 from astropy.table import Table
 
 from astrid.errors import ShapeMismatch
-from astrid.science.detect import detect_candidates, make_cutouts, psf_photometry
+from astrid.science.detect import (
+    detect_candidates,
+    fit_point_sources,
+    make_cutouts,
+    psf_photometry,
+)
 from astrid.science.psf_model import PsfModel
 
 
@@ -94,3 +99,27 @@ def test_cutouts_centre_and_pad() -> None:
     assert np.isnan(c.difference[1, 0, 0]) and c.difference[1, 3, 3] == img[99, 0] + 2
     with pytest.raises(ShapeMismatch):
         make_cutouts(img, img[:50], img, np.array([1.0]), np.array([1.0]))
+
+
+def test_free_position_fit_recovers_position_and_flux() -> None:
+    """A fit started 0.4 px off finds the source; at the wrong place the flux reads low."""
+    rng = np.random.default_rng(3)
+    psf = PsfModel.gaussian(3.0, size=21)
+    x0, y0, flux = 30.3, 25.7, 2000.0
+    fits, fixed = [], []
+    for _ in range(20):
+        img = rng.normal(0.0, 1.0, (60, 60))
+        _place(img, psf, x0, y0, flux)
+        var = np.ones_like(img)
+        fit = fit_point_sources(img, var, np.array([30.0]), np.array([26.0]), psf)
+        assert fit.refined[0]
+        fits.append((fit.x[0], fit.y[0], fit.flux[0]))
+        fixed.append(psf_photometry(img, var, np.array([30.0]), np.array([26.0]), psf)[0][0])
+    x, y, f = np.asarray(fits).T
+    assert np.mean(x) == pytest.approx(x0, abs=0.01)
+    assert np.mean(y) == pytest.approx(y0, abs=0.01)
+    assert np.mean(f) == pytest.approx(flux, rel=0.005)
+    # Off by (0.3, 0.3) px with sigma = 1.27 px: exp(-0.18 / (4 sigma²)) ~ 0.97.
+    assert np.mean(fixed) == pytest.approx(
+        flux * np.exp(-0.18 / (4 * (3.0 / 2.3548) ** 2)), rel=0.01
+    )

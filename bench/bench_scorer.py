@@ -3,12 +3,15 @@
 Usage::
 
     python bench/bench_scorer.py --threads 2 --batch-sizes 64 256 1024 --repeat 5
+    python bench/bench_scorer.py --packaged real_bogus --threads 2 --batch-sizes 256 1024
 
-Weights do not change the cost of a forward pass, so the benchmark saves a freshly
-initialised :class:`~astrid.ml.models.TripletCnn` as a bundle in a temporary folder and
-loads it through :class:`~astrid.ml.serve.Scorer`, the production path (batch
-normalisation fused, ``channels_last``, ``torch.inference_mode``). Its scores mean nothing
-and are not printed. Two rows per batch size: ``network`` scores triplets already
+``--packaged NAME`` scores with the bundle shipped in the package (the production
+scorer, ``Scorer.packaged(NAME)``). Without it, since weights do not change the cost of a
+forward pass, the benchmark saves a freshly initialised
+:class:`~astrid.ml.models.TripletCnn` as a bundle in a temporary folder and loads it
+through :class:`~astrid.ml.serve.Scorer`; both are the production path (batch
+normalisation fused, ``channels_last``, ``torch.inference_mode``). Scores are not
+printed. Two rows per batch size: ``network`` scores triplets already
 normalised; ``+ normalise`` also applies the bundle's input normalisation
 (``normalise_triplet``) to raw cutouts.
 
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048, help="triplets per pass")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--packaged", default=None, help="name of a shipped model bundle")
     args = parser.parse_args()
 
     import numpy as np
@@ -45,15 +49,21 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     raw = rng.normal(0.0, 1.0, (args.n, 3, 63, 63)).astype(np.float32)
     raw[:, :, :, :5] = np.nan  # masked edge columns, as cutouts at an image border
-    torch.manual_seed(args.seed)
-    model = TripletCnn()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model_bundle(Path(tmp), model, name="bench", version="0", temperature=1.0)
-        loaded = Scorer.from_path(tmp)
+    if args.packaged:
+        loaded = Scorer.packaged(args.packaged)
+        model = TripletCnn(loaded.config)
+        label = f"{args.packaged} version {loaded.version} (packaged)"
+    else:
+        torch.manual_seed(args.seed)
+        model = TripletCnn()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model_bundle(Path(tmp), model, name="bench", version="0", temperature=1.0)
+            loaded = Scorer.from_path(tmp)
+        label = "TripletCnn (random weights)"
     normalised = loaded.normalise(raw)
 
     print(
-        f"TripletCnn, {count_parameters(model)} parameters; torch {torch.__version__}, "
+        f"{label}, {count_parameters(model)} parameters; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {args.n} triplets per pass, "
         f"median of {args.repeat}"
     )

@@ -52,3 +52,10 @@ def register(app: typer.Typer) -> None:
     from astrid.cli.inject import inject
 
     app.command("inject")(inject)
+
+    from astrid.cli.models import evaluate, models_app, score_alerts, train
+
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("score-alerts")(score_alerts)
+    app.add_typer(models_app, name="models")

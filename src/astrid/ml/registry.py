@@ -794,6 +794,70 @@ class ModelRegistry:
                 ) from exc
             return Scorer.from_path(local, batch_size=batch_size)
 
+    def export_bundle(
+        self,
+        name: str,
+        directory: str | Path,
+        *,
+        alias: str | None = CHAMPION,
+        version: int | None = None,
+    ) -> Path:
+        """Copy a version's bundle (weights, metadata, model card) into ``directory``.
+
+        The result loads with :meth:`~astrid.ml.serve.Scorer.from_path`; exported into
+        ``astrid/ml/weights/<name>/`` it ships with the package
+        (:meth:`~astrid.ml.serve.Scorer.packaged`).
+
+        Parameters
+        ----------
+        name : str
+            Registered model name.
+        directory : str or Path
+            Destination folder (created; bundle files in it are replaced).
+        alias : str or None
+            Alias of the version to export (``"champion"`` by default).
+        version : int or None
+            Export this version instead of the alias's.
+
+        Returns
+        -------
+        Path
+            ``directory``.
+
+        Raises
+        ------
+        ModelNotAvailable
+            If the version or alias does not exist or its artifacts are unreadable.
+        """
+        import shutil
+
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if version is not None:
+                found = self.client.get_model_version(name, str(int(version)))
+            elif alias is not None:
+                found = self.client.get_model_version_by_alias(name, alias)
+            else:
+                raise ModelNotAvailable(name, "give an alias or a version to export")
+        except MlflowException as exc:
+            raise ModelNotAvailable(name, f"no such version or alias: {exc}") from exc
+        if found.run_id is None:
+            raise ModelNotAvailable(name, f"version {found.version} has no run")
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = Path(self.client.download_artifacts(found.run_id, _MODEL_ARTIFACT, tmp))
+            except (MlflowException, OSError) as exc:
+                raise ModelNotAvailable(
+                    name, f"artifacts of version {found.version} not readable: {exc}"
+                ) from exc
+            for item in sorted(local.iterdir()):
+                if item.is_file():
+                    shutil.copyfile(item, target / item.name)
+        return target
+
     def model_card(self, name: str, version: int) -> str:
         """The markdown model card stored with ``version`` of ``name``."""
         run_id = self.client.get_model_version(name, str(int(version))).run_id

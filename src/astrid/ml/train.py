@@ -58,6 +58,7 @@ __all__ = [
     "apply_temperature",
     "augment_dihedral",
     "binary_nll",
+    "crop_centre",
     "dihedral",
     "fit_temperature",
     "heatmap_target",
@@ -290,6 +291,44 @@ def augment_dihedral(
     return out, other_out
 
 
+def crop_centre(
+    images: NDArray[np.float32],
+    rng: np.random.Generator,
+    probability: float,
+    sizes: tuple[int, int],
+) -> NDArray[np.float32]:
+    """Keep only a centred square of some examples, setting the rest to 0.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, c, s, s)
+        Normalised examples (background 0).
+    rng : numpy.random.Generator
+        Source of the random choices.
+    probability : float
+        Chance that an example is cropped.
+    sizes : tuple of int
+        Range of the kept square's side, pixels (inclusive); the square is centred like
+        :func:`astrid.ml.alerts.alert_triplet` centres a smaller stamp.
+
+    Returns
+    -------
+    ndarray
+        A copy with the chosen examples cropped.
+    """
+    out = np.array(images, copy=True)
+    n, size = len(out), out.shape[-1]
+    chosen = np.flatnonzero(rng.random(n) < probability)
+    sides = rng.integers(sizes[0], sizes[1] + 1, size=len(chosen))
+    for i, side in zip(chosen, sides, strict=True):
+        side = int(min(side, size))
+        start = size // 2 - side // 2
+        kept = out[i, :, start : start + side, start : start + side].copy()
+        out[i] = 0.0
+        out[i, :, start : start + side, start : start + side] = kept
+    return out
+
+
 def heatmap_target(
     shape: tuple[int, int], x: ArrayLike, y: ArrayLike, *, radius: float = 2.0
 ) -> NDArray[np.float32]:
@@ -419,6 +458,13 @@ class TrainConfig:
     pos_weight : float or None
         Weight of positive (real) pixels or examples in the loss; None weighs all alike.
         Useful for heat maps, where real pixels are rare.
+    crop_probability : float
+        Share of training triplets whose planes are cut to a random centred square
+        (side in ``crop_sizes``), the rest set to 0, the background level of normalised
+        planes: what a smaller stamp (Rubin's 30 x 30, a ZTF stamp clipped at a CCD
+        edge) becomes once padded to the model's size. 0 never crops.
+    crop_sizes : tuple of int
+        Range of the side of the kept square, pixels (inclusive).
     seed : int
         Seed of initialisation, shuffling, augmentation and dropout.
     """
@@ -431,6 +477,8 @@ class TrainConfig:
     min_delta: float = 0.0
     augment: bool = True
     pos_weight: float | None = None
+    crop_probability: float = 0.0
+    crop_sizes: tuple[int, int] = (25, 45)
     seed: int = 0
 
 
@@ -586,6 +634,8 @@ def train_classifier(
             x = train.triplets[idx]
             if config.augment:
                 x, _ = augment_dihedral(x, rng)
+            if config.crop_probability > 0:
+                x = crop_centre(x, rng, config.crop_probability, config.crop_sizes)
             return x, train.labels[idx]
 
         def validation_loss(m: nn.Module) -> float:

@@ -251,6 +251,21 @@ def test_normalise_triplet_invariances_and_degenerate_planes() -> None:
     np.testing.assert_allclose(normalise_triplet(batch)[1], result, atol=2e-5)
 
 
+def test_fast_path_matches_the_nan_aware_float64_path() -> None:
+    """Partial-sort medians (float32, batched, NaN as +-inf) equal NaN-aware float64 ones."""
+    from astrid.ml.alerts import _normalise_rows_nan_aware
+
+    rng = np.random.default_rng(7)
+    for shape in [(4, 3, 63, 63), (2, 3, 30, 30), (3, 3, 7, 8), (1, 1, 1, 2)]:
+        planes = rng.normal(150.0, 4.0, size=shape).astype(np.float32)
+        planes[0, 0, :, :5] = np.nan  # a padded edge
+        planes[-1, -1].flat[:: max(1, planes[-1, -1].size // 5)] = np.inf  # scattered masks
+        fast = normalise_triplet(planes)
+        flat = planes.reshape(-1, shape[-2] * shape[-1]).astype(np.float64)
+        slow = _normalise_rows_nan_aware(flat).reshape(shape)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments() -> None:
     alert = _synthetic_alert(np.ones((5, 5)))
     with pytest.raises(ValueError, match="size"):

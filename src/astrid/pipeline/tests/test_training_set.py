@@ -1,0 +1,133 @@
+"""The training-set builder on tiny simulated fields: classes, labels, splits, hash, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from astrid.ml.dataset import BOGUS, REAL, TrainingSet
+from astrid.pipeline.training_set import (
+    FakeConfig,
+    SimulatedPairSpec,
+    TrainingSetConfig,
+    build_training_set,
+    few_star_difference_config,
+    load_training_set,
+    simulated_pair_specs,
+)
+from astrid.science.simulate import EpochConditions, FieldConfig
+
+FIELD = FieldConfig(
+    shape=(160, 160),
+    pixel_scale=1.0,
+    n_stars=180,
+    star_mag_range=(14.0, 22.0),
+    n_galaxies=20,
+    cosmic_ray_rate=3.0,
+    n_bad_columns=1,
+)
+
+
+def _spec(group: str, recipe: str, seed: int) -> SimulatedPairSpec:
+    shift = {"resampled": (3.3, -2.1), "misaligned": (0.5, 0.3)}[recipe]
+    return SimulatedPairSpec(
+        group=group,
+        profile="ztf",
+        recipe=recipe,
+        field_config=FIELD,
+        field_seed=seed,
+        science=EpochConditions(fwhm=2.2, exposure_time=60.0, dx=shift[0], dy=shift[1]),
+        reference=EpochConditions(fwhm=1.8, exposure_time=300.0),
+        science_seed=seed + 1,
+        reference_seed=seed + 2,
+        reference_cosmic_ray_rate=0.5,
+        reference_bad_columns=False,
+        unmask_bad_columns=True,
+        psf_scale=1.0,
+        fakes=FakeConfig(n_fakes=(10, 12)),
+        fake_seed=seed + 3,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainingSet, dict, Path]:
+    folder = tmp_path_factory.mktemp("training")
+    config = TrainingSetConfig(
+        name="tiny",
+        fractions=(0.5, 0.5, 0.0),
+        real_pairs=False,
+        difference=few_star_difference_config(),
+    )
+    specs = [_spec("sim-a", "resampled", 10), _spec("sim-b", "misaligned", 40)]
+    with threadpool_limits(1):
+        training_set, manifest = build_training_set(config, folder, specs=specs)
+    return training_set, manifest, folder
+
+
+def test_both_classes_with_the_right_labels(built: tuple[TrainingSet, dict, Path]) -> None:
+    training_set, manifest, _ = built
+    assert manifest["n_pairs_used"] == 2 and manifest["n_fakes_detected"] > 0
+    labels = training_set.labels
+    assert np.any(labels == REAL) and np.any(labels == BOGUS)
+    # A real candidate is a fake under the stamp centre: its difference there has the
+    # candidate's sign (science minus reference) and the fake's injected S/N.
+    real = labels == REAL
+    centre = np.nansum(training_set.triplets[:, 2, 30:33, 30:33], axis=(1, 2))
+    assert np.all(np.sign(centre[real]) == training_set.polarity[real])
+    assert np.all(training_set.snr[real] >= 3.0)
+    assert set(training_set.kind[real]) <= {
+        "resampled+isolated",
+        "resampled+galaxy",
+        "resampled+star",
+        "misaligned+isolated",
+        "misaligned+galaxy",
+        "misaligned+star",
+    }
+    # Fakes went into both images: positive and negative real candidates.
+    assert set(training_set.polarity[real].tolist()) == {-1, 1}
+    assert training_set.triplets.shape[1:] == (3, 63, 63)
+
+
+def test_no_field_in_two_splits(built: tuple[TrainingSet, dict, Path]) -> None:
+    training_set, manifest, _ = built
+    for group in set(training_set.groups.tolist()):
+        assert len(set(training_set.split[training_set.groups == group].tolist())) == 1
+    assert set(training_set.split.tolist()) == {0, 1}
+    assert manifest["fields_per_split"]["train"] != manifest["fields_per_split"]["validation"]
+
+
+def test_files_cache_and_content_hash(built: tuple[TrainingSet, dict, Path]) -> None:
+    training_set, manifest, folder = built
+    loaded = load_training_set(folder / "tiny.npz")
+    digest = loaded.content_hash()
+    assert digest == training_set.content_hash() == manifest["content_sha256"]
+    written = json.loads((folder / "tiny.manifest.json").read_text())
+    assert written["content_sha256"] == digest and written["n_examples"] == len(loaded)
+    assert len(list((folder / "cache").glob("*.npz"))) == 2
+    # Any change to the data gives another hash.
+    loaded.triplets[0, 0, 31, 31] += 1.0
+    assert loaded.content_hash() != digest
+    # A rebuild reads the cache: the same data, the same hash.
+    config = TrainingSetConfig(
+        name="again",
+        fractions=(0.5, 0.5, 0.0),
+        real_pairs=False,
+        difference=few_star_difference_config(),
+    )
+    specs = [_spec("sim-a", "resampled", 10), _spec("sim-b", "misaligned", 40)]
+    again, _ = build_training_set(config, folder, specs=specs)
+    assert again.content_hash() == digest
+
+
+def test_drawn_specs_span_detectors_and_recipes() -> None:
+    specs = simulated_pair_specs(TrainingSetConfig(n_fields=40, pairs_per_field=3))
+    fwhm_pixels = [s.science.fwhm / s.field_config.pixel_scale for s in specs]
+    assert min(fwhm_pixels) < 2.0 and max(fwhm_pixels) > 5.0
+    assert {s.profile for s in specs} == {"ztf", "decam", "rubin", "generic"}
+    assert {s.recipe for s in specs} == {"resampled", "misaligned", "psf-mismatch"}
+    assert len({s.key() for s in specs}) == len(specs)
+    assert simulated_pair_specs(TrainingSetConfig(n_fields=2))[0] == specs[0]

@@ -1,0 +1,122 @@
+"""The real/bogus commands: score-alerts with the shipped model, models list/promote/rollback."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from astrid.cli import app
+from astrid.ml.alerts import read_alerts
+from astrid.ml.evaluate import alert_input_triplets
+from astrid.ml.models import TripletCnn, TripletCnnConfig
+from astrid.ml.registry import CHAMPION, ModelRegistry, RegistryConfig
+from astrid.ml.serve import Scorer, packaged_model_path
+
+torch.set_num_threads(1)
+
+runner = CliRunner()
+
+KOWALSKI = "ztf_alerts_kowalski"
+
+
+def test_packaged_champion_loads_and_scores(shared_data: Path) -> None:
+    scorer = Scorer.packaged("real_bogus")
+    meta = scorer.metadata
+    assert packaged_model_path("real_bogus").is_dir()
+    assert meta.architecture == "TripletCnn" and meta.normalisation == "normalise_triplet"
+    assert meta.dataset_hash is not None and len(meta.dataset_hash) == 64
+    assert 0.0 < meta.metrics["test_auc"] <= 1.0
+    alerts = list(read_alerts(shared_data / KOWALSKI))
+    scores = scorer.score(alert_input_triplets(alerts))
+    assert scores.shape == (len(alerts),)
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+def test_score_alerts_writes_the_required_columns(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    result = runner.invoke(app, ["score-alerts", str(shared_data / KOWALSKI), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12
+    for column in ("alert_id", "candid", "diaSourceId", "score", "rb", "drb", "reliability"):
+        assert column in rows[0]
+    for row in rows:
+        assert row["candid"] == row["alert_id"] and row["diaSourceId"] == ""
+        assert 0.0 <= float(row["score"]) <= 1.0
+        assert 0.0 <= float(row["drb"]) <= 1.0 and row["reliability"] == ""
+    # The same alerts scored in the library agree with the file.
+    scorer = Scorer.packaged("real_bogus")
+    alerts = list(read_alerts(shared_data / KOWALSKI))
+    expected = scorer.score(alert_input_triplets(alerts))
+    written = np.array([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(written, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_score_alerts_reports_a_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.avro"
+    bad.write_bytes(b"not an alert")
+    result = runner.invoke(app, ["score-alerts", str(bad), "-o", str(tmp_path / "s.csv")])
+    assert result.exit_code == 3
+    result = runner.invoke(
+        app, ["score-alerts", str(bad), "-o", str(tmp_path / "s.csv"), "--skip-bad"]
+    )
+    assert result.exit_code == 0 and "skipped" in result.output
+
+
+def test_models_list_promote_rollback_export(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    registry = ModelRegistry(RegistryConfig.local(data_dir / "mlflow"))
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        registry.register(
+            TripletCnn(small).eval(),
+            name="real_bogus",
+            temperature=1.0 + seed,
+            metrics={"test_auc": 0.9 + 0.01 * seed},
+            dataset_sha256="ab" * 32,
+        )
+    base = ["--data-dir", str(data_dir)]
+    listed = runner.invoke(app, ["models", "list", *base])
+    assert listed.exit_code == 0, listed.output
+    assert "v1" in listed.output and "v2" in listed.output and "challenger" in listed.output
+
+    assert (
+        runner.invoke(app, ["models", "promote", "real_bogus", "--version", "1", *base]).exit_code
+        == 0
+    )
+    promoted = runner.invoke(app, ["models", "promote", *base])  # the challenger, version 2
+    assert promoted.exit_code == 0 and "version 2 is now champion" in promoted.output
+    assert registry.alias_version("real_bogus", CHAMPION) == 2
+
+    exported = tmp_path / "bundle"
+    result = runner.invoke(app, ["models", "export", str(exported), *base])
+    assert result.exit_code == 0, result.output
+    assert math.isclose(Scorer.from_path(exported).metadata.temperature, 2.0)
+
+    rolled = runner.invoke(app, ["models", "rollback", *base])
+    assert rolled.exit_code == 0 and "version 1 is champion again" in rolled.output
+    assert registry.alias_version("real_bogus", CHAMPION) == 1
+    again = runner.invoke(app, ["models", "rollback", *base])
+    assert again.exit_code == 3 and "no earlier champion" in again.output
+
+
+@pytest.mark.parametrize("flag", ["t", "f"])
+def test_negative_ztf_difference_is_turned_back(shared_data: Path, flag: str) -> None:
+    (alert, *_) = [
+        a
+        for a in read_alerts(shared_data / "ztf_alerts_fink_broker" / "raw_2020-01-01")
+        if a.detection.get("isdiffpos") == flag
+    ]
+    triplet = alert_input_triplets([alert])[0]
+    centre = np.nansum(triplet[2, 29:34, 29:34])
+    # ZTF inverts a negative detection's difference; AstrID's convention is science minus
+    # reference, so a negative detection is negative again.
+    assert (centre < 0) == (flag == "f")

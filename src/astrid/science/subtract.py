@@ -41,6 +41,7 @@ from astrid.science.zogy import (
     FluxScale,
     FluxScaleConfig,
     ZogyConfig,
+    ZogyResult,
     fit_flux_scale,
     zogy_subtract,
 )
@@ -360,22 +361,26 @@ def subtract_images(
             saturation_reference=reference_saturation,
             config=cfg.flux_scale,
         )
-        z = zogy_subtract(
-            science,
-            reference,
-            psf_science=science_psf,
-            psf_reference=reference_psf,
-            noise_science=science_noise,
-            noise_reference=reference_noise,
-            flux_scale=scale,
-            variance_science=science_variance,
-            variance_reference=reference_variance,
-            mask_science=science_mask,
-            mask_reference=reference_mask,
-            astrometric_sigma_x=astrometric_sigma,
-            astrometric_sigma_y=astrometric_sigma,
-            config=cfg.zogy,
-        )
+
+        def run_zogy(tie: FluxScale) -> ZogyResult:
+            return zogy_subtract(
+                science,
+                reference,
+                psf_science=science_psf,
+                psf_reference=reference_psf,
+                noise_science=science_noise,
+                noise_reference=reference_noise,
+                flux_scale=tie,
+                variance_science=science_variance,
+                variance_reference=reference_variance,
+                mask_science=science_mask,
+                mask_reference=reference_mask,
+                astrometric_sigma_x=astrometric_sigma,
+                astrometric_sigma_y=astrometric_sigma,
+                config=cfg.zogy,
+            )
+
+        z = run_zogy(scale)
         # The sky offset fitted on the unmatched images is biased by faint sources seen
         # at different seeing; on D they cancel, so a residual constant in D is the
         # offset's error. A constant b in N appears in D as b / sqrt(σn² + ratio² σr²)
@@ -386,22 +391,7 @@ def subtract_images(
                 np.hypot(z.noise_science, scale.flux_ratio * z.noise_reference)
             )
             scale = replace(scale, background_offset=scale.background_offset + correction)
-            z = zogy_subtract(
-                science,
-                reference,
-                psf_science=science_psf,
-                psf_reference=reference_psf,
-                noise_science=science_noise,
-                noise_reference=reference_noise,
-                flux_scale=scale,
-                variance_science=science_variance,
-                variance_reference=reference_variance,
-                mask_science=science_mask,
-                mask_reference=reference_mask,
-                astrometric_sigma_x=astrometric_sigma,
-                astrometric_sigma_y=astrometric_sigma,
-                config=cfg.zogy,
-            )
+            z = run_zogy(scale)
         conversion = scale.flux_ratio / z.difference_zero_point
         difference = np.asarray(z.difference, np.float32)
         variance = np.ones_like(difference)

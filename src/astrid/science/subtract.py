@@ -24,7 +24,7 @@ Two statistics judge a subtraction, both reported for every subtraction:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -41,7 +41,6 @@ from astrid.science.zogy import (
     FluxScale,
     FluxScaleConfig,
     ZogyConfig,
-    ZogyResult,
     fit_flux_scale,
     zogy_subtract,
 )
@@ -121,7 +120,7 @@ class SubtractConfig:
     """
 
     method: Literal["zogy", "al"] = "zogy"
-    zogy: ZogyConfig = field(default_factory=lambda: ZogyConfig(psf_error=0.02))
+    zogy: ZogyConfig = field(default_factory=lambda: ZogyConfig(psf_error=0.02, refit_offset=True))
     flux_scale: FluxScaleConfig = field(default_factory=FluxScaleConfig)
     alard_lupton: AlardLuptonConfig = field(default_factory=AlardLuptonConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -362,36 +361,23 @@ def subtract_images(
             config=cfg.flux_scale,
         )
 
-        def run_zogy(tie: FluxScale) -> ZogyResult:
-            return zogy_subtract(
-                science,
-                reference,
-                psf_science=science_psf,
-                psf_reference=reference_psf,
-                noise_science=science_noise,
-                noise_reference=reference_noise,
-                flux_scale=tie,
-                variance_science=science_variance,
-                variance_reference=reference_variance,
-                mask_science=science_mask,
-                mask_reference=reference_mask,
-                astrometric_sigma_x=astrometric_sigma,
-                astrometric_sigma_y=astrometric_sigma,
-                config=cfg.zogy,
-            )
-
-        z = run_zogy(scale)
-        # The sky offset fitted on the unmatched images is biased by faint sources seen
-        # at different seeing; on D they cancel, so a residual constant in D is the
-        # offset's error. A constant b in N appears in D as b / sqrt(σn² + ratio² σr²)
-        # (ZOGY eq. 13 at k = 0 with F_r = 1); refit once when it matters.
-        d_offset, d_error = _clipped_mean(z.difference, ~z.mask)
-        if abs(d_offset) > max(3.0 * d_error, 1e-3):
-            correction = d_offset * float(
-                np.hypot(z.noise_science, scale.flux_ratio * z.noise_reference)
-            )
-            scale = replace(scale, background_offset=scale.background_offset + correction)
-            z = run_zogy(scale)
+        z = zogy_subtract(
+            science,
+            reference,
+            psf_science=science_psf,
+            psf_reference=reference_psf,
+            noise_science=science_noise,
+            noise_reference=reference_noise,
+            flux_scale=scale,
+            variance_science=science_variance,
+            variance_reference=reference_variance,
+            mask_science=science_mask,
+            mask_reference=reference_mask,
+            astrometric_sigma_x=astrometric_sigma,
+            astrometric_sigma_y=astrometric_sigma,
+            config=cfg.zogy,
+        )
+        scale = z.flux_scale
         conversion = scale.flux_ratio / z.difference_zero_point
         difference = np.asarray(z.difference, np.float32)
         variance = np.ones_like(difference)
@@ -457,28 +443,6 @@ def subtract_images(
         quality=quality,
         details=details,
     )
-
-
-def _clipped_mean(
-    image: NDArray[np.floating], good: NDArray[np.bool_], *, clip: float = 3.0
-) -> tuple[float, float]:
-    """Sigma-clipped mean of the good pixels and its standard error."""
-    v = np.asarray(image, np.float64)[good]
-    v = v[np.isfinite(v)]
-    if v.size < 100:
-        return 0.0, float("inf")
-    if v.size > 4_000_000:
-        v = v[:: v.size // 2_000_000]
-    keep = np.ones(v.size, bool)
-    for _ in range(5):
-        med = np.median(v[keep])
-        sig = 1.4826 * np.median(np.abs(v[keep] - med))
-        new = np.abs(v - med) <= clip * sig
-        if np.array_equal(new, keep):
-            break
-        keep = new
-    kept = v[keep]
-    return float(np.mean(kept)), float(np.std(kept) / np.sqrt(kept.size))
 
 
 def _combine_masks(

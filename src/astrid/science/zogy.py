@@ -43,7 +43,7 @@ import importlib
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -128,6 +128,18 @@ class ZogyConfig:
         Floating-point precision of the FFTs and outputs.
     workers : int
         Threads for ``scipy.fft`` (``-1``: all cores).
+    refit_offset : bool
+        After subtracting, measure the sigma-clipped mean of ``D`` over usable pixels and,
+        when it differs from zero by more than three standard errors (and 1e-3), take it
+        as an error of ``flux_scale.background_offset`` and correct every output for it.
+        The offset fitted on the unmatched images is biased by faint sources seen at
+        different seeing; on ``D`` they cancel, so a constant left in ``D`` is the offset's
+        error. ``D``, ``S`` and ``S_N`` are linear in ``N`` and a constant in ``N`` passes
+        through the kernels as their value at zero frequency, so the correction is applied
+        in closed form instead of a second subtraction (exact away from masked pixels and
+        the border, which the output mask covers), at the cost of keeping the variance of
+        ``S`` (and ``S_N`` when ``psf_error > 0``) as image-sized arrays until the end.
+        The result's ``flux_scale`` carries the corrected offset.
     """
 
     tiling: Literal["auto", "always", "never"] = "auto"
@@ -141,6 +153,7 @@ class ZogyConfig:
     backend: Backend = "numpy"
     dtype: Literal["float32", "float64"] = "float32"
     workers: int = -1
+    refit_offset: bool = False
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
@@ -816,13 +829,22 @@ def _zogy_tile(
         if psf_error > 0:
             # A fractional PSF-model error leaves ~ε S_N and ε S_R of each source in S.
             v_total += (s_n * s_n + s_r * s_r) * psf_error**2
+            if "score_science" in out:
+                out["score_science"][out_core] = bk.to_numpy(s_n[core])
         del s_n, s_r
-        score_corr = score / bk.sqrt(v_total)  # eq. 25
+        v_score = v_total
         del v_total
-    elif v_s is not None:
-        score_corr = score / bk.sqrt(v_s)  # eq. 25
     else:
+        v_score = v_s
+    if v_score is None:
         score_corr = score * (1.0 / math.sqrt(v_const))  # eq. 25
+        if "score_variance" in out:
+            out["score_variance"][out_core] = v_const
+    else:
+        score_corr = score / bk.sqrt(v_score)  # eq. 25
+        if "score_variance" in out:
+            out["score_variance"][out_core] = bk.to_numpy(v_score[core])
+        del v_score
     out["score_corrected"][out_core] = bk.to_numpy(score_corr[core])
     del score_corr
     out["score"][out_core] = bk.to_numpy(score[core] * (1.0 / math.sqrt(ops.flux_normalisation)))
@@ -1042,10 +1064,10 @@ def zogy_subtract(
     if not tiled:
         margin = 0
 
-    outputs = {
-        key: np.empty(shape, dtype=dtype)
-        for key in ("difference", "score", "score_corrected", "flux", "flux_error")
-    }
+    keys = ["difference", "score", "score_corrected", "flux", "flux_error"]
+    if cfg.refit_offset:  # the variance of S in S_corr and S_N, for the refit
+        keys += ["score_variance", "score_science"] if cfg.psf_error > 0 else ["score_variance"]
+    outputs = {key: np.empty(shape, dtype=dtype) for key in keys}
     flux_norms = np.empty((len(rows), len(cols)), dtype=np.float64)
     pd_stamps = np.empty((len(rows), len(cols), max_size, max_size), dtype=np.float32)
     pd_fwhm = np.empty((len(rows), len(cols)), dtype=np.float64)
@@ -1100,6 +1122,21 @@ def zogy_subtract(
             pd_stamps[iy, ix] = pd
             pd_fwhm[iy, ix] = _stamp_fwhm(pd)
 
+    mask = _grow(bad, dilation)
+    if cfg.refit_offset:
+        flux_scale = _refit_offset(
+            outputs,
+            mask,
+            flux_scale,
+            rows=rows,
+            cols=cols,
+            flux_norms=flux_norms,
+            sigma_n=sigma_n,
+            sigma_r=sigma_r,
+            f_d=f_d,
+            psf_error=float(cfg.psf_error),
+        )
+
     difference_psf = PsfModel(
         stamps=pd_stamps,
         grid_x=np.array([0.5 * (a + b - 1) for a, b in cols], dtype=np.float64),
@@ -1128,7 +1165,7 @@ def zogy_subtract(
         score_corrected=outputs["score_corrected"],
         flux=outputs["flux"],
         flux_error=outputs["flux_error"],
-        mask=_grow(bad, dilation),
+        mask=mask,
         flux_scale=flux_scale,
         flux_normalisation=flux_norms,
         noise_science=sigma_n,
@@ -1136,6 +1173,88 @@ def zogy_subtract(
         astrometric_sigma=(float(ast_x), float(ast_y)),
         backend=bk.name,
     )
+
+
+def clipped_mean(
+    image: NDArray[np.floating], good: NDArray[np.bool_], *, clip: float = 3.0
+) -> tuple[float, float]:
+    """Sigma-clipped mean of an image's good pixels and its standard error.
+
+    Median/MAD clipping at ``clip`` sigma, iterated to convergence (at most 5 times), on
+    at most ~4 million pixels (a regular subsample above that).
+
+    Returns
+    -------
+    mean, error : float
+        ``(0, inf)`` when fewer than 100 finite good pixels remain.
+    """
+    v = np.asarray(image, np.float64)[good]
+    v = v[np.isfinite(v)]
+    if v.size < 100:
+        return 0.0, math.inf
+    if v.size > 4_000_000:
+        v = v[:: v.size // 2_000_000]
+    keep = np.ones(v.size, bool)
+    for _ in range(5):
+        med = np.median(v[keep])
+        sig = 1.4826 * np.median(np.abs(v[keep] - med))
+        new = np.abs(v - med) <= clip * sig
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    kept = v[keep]
+    return float(np.mean(kept)), float(np.std(kept) / np.sqrt(kept.size))
+
+
+def _refit_offset(
+    outputs: dict[str, NDArray[np.floating]],
+    mask: NDArray[np.bool_],
+    flux_scale: FluxScale,
+    *,
+    rows: list[tuple[int, int]],
+    cols: list[tuple[int, int]],
+    flux_norms: NDArray[np.float64],
+    sigma_n: float,
+    sigma_r: float,
+    f_d: float,
+    psf_error: float,
+) -> FluxScale:
+    """Remove a constant left in ``D`` from every output (see ``ZogyConfig.refit_offset``).
+
+    A constant ``c`` added to ``N`` adds ``c F_r / sqrt(σ_n² F_r² + σ_r² F_n²)`` to ``D``
+    (eq. 13 at zero frequency, unit-sum PSFs), ``F_D`` times that to ``S`` (``P̂_D(0) =
+    1``, eq. 12), hence ``ΔS / sqrt(F_S)`` to ``score``, ``ΔS F_n / F_S`` to ``flux`` and
+    ``ΔS`` to ``S_N``, which changes the PSF-error term ``ε² S_N²`` of the variance of
+    ``S`` in ``S_corr`` (the astrometric terms hold only gradients and do not change);
+    ``flux_error`` does not change. Updates ``outputs`` in place and returns the flux
+    scale with the corrected offset.
+    """
+    variance = outputs.pop("score_variance")
+    s_n = outputs.pop("score_science", None)
+    d_offset, d_error = clipped_mean(outputs["difference"], ~mask)
+    if not abs(d_offset) > max(3.0 * d_error, 1e-3):
+        return flux_scale
+    f_n = float(flux_scale.flux_ratio)
+    dtype = outputs["difference"].dtype.type
+    outputs["difference"] -= dtype(d_offset)
+    delta_s = f_d * d_offset
+    if s_n is not None:
+        # S_N moves with N, so the PSF-error term ε² S_N² of V(S) moves with it.
+        s_n -= dtype(0.5 * delta_s)
+        s_n *= dtype(-2.0 * delta_s * psf_error**2)
+        variance += s_n
+        del s_n
+    for iy, (y0, y1) in enumerate(rows):
+        for ix, (x0, x1) in enumerate(cols):
+            core = (slice(y0, y1), slice(x0, x1))
+            f_s = float(flux_norms[iy, ix])
+            outputs["score"][core] -= dtype(delta_s / math.sqrt(f_s))
+            outputs["flux"][core] -= dtype(delta_s * f_n / f_s)
+            score = outputs["score"][core] * dtype(math.sqrt(f_s))
+            score /= np.sqrt(variance[core])
+            outputs["score_corrected"][core] = score
+    correction = d_offset * math.sqrt(sigma_n**2 + f_n**2 * sigma_r**2)
+    return replace(flux_scale, background_offset=flux_scale.background_offset + correction)
 
 
 def _grid_count(psf: PsfInput, axis: int) -> int:

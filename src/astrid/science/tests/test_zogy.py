@@ -450,6 +450,57 @@ def test_tiles_reproduce_the_single_fft_result(field_pair: Field) -> None:
     np.testing.assert_allclose(tiled.flux[keep], whole.flux[keep], atol=0.05)
 
 
+def test_offset_refit_equals_a_second_subtraction_with_the_corrected_offset(
+    field_pair: Field,
+) -> None:
+    f = field_pair
+    true_offset = BACKGROUND_SCIENCE - RATIO * BACKGROUND_REFERENCE
+    science = f["science"].copy()
+    science[200:240, 150:200] = np.nan  # masked pixels and tiles: the hard cases
+    options: dict[str, Any] = {
+        "variance_science": f["var_n"],
+        "variance_reference": f["var_r"],
+        "astrometric_sigma_x": 0.05,
+        "astrometric_sigma_y": 0.03,
+    }
+    tiles: dict[str, Any] = {"tiling": "always", "tile_size": 128, "psf_error": 0.02}
+    wrong = FluxScale(flux_ratio=RATIO, background_offset=true_offset + 3.0)
+    refit = subtract(
+        science,
+        f["reference"],
+        flux_scale=wrong,
+        config=ZogyConfig(refit_offset=True, **tiles),
+        **options,
+    )
+    # The 3-unit error (0.3 sigma of N) is found on D; what is left is the offset fitted
+    # on D, within ~0.1 of the truth (the reference median holds faint star light).
+    assert refit.flux_scale.background_offset == pytest.approx(true_offset, abs=0.15)
+    rerun = subtract(
+        science, f["reference"], flux_scale=refit.flux_scale, config=ZogyConfig(**tiles), **options
+    )
+    keep = interior(refit.mask)
+    assert abs(float(np.median(refit.difference[keep]))) < 0.01
+    for name, tolerance in (
+        ("difference", 1e-3),
+        ("score", 1e-3),
+        ("score_corrected", 2e-3),
+        ("flux", 0.05),
+        ("flux_error", 1e-3),
+    ):
+        change = np.abs(getattr(refit, name) - getattr(rerun, name))[keep]
+        assert float(change.max()) < tolerance, name
+    # Far from significant: nothing moves.
+    right = subtract(
+        science,
+        f["reference"],
+        flux_scale=refit.flux_scale,
+        config=ZogyConfig(refit_offset=True, **tiles),
+        **options,
+    )
+    assert right.flux_scale == refit.flux_scale
+    np.testing.assert_array_equal(right.score_corrected, rerun.score_corrected)
+
+
 def _varying_model(n: int) -> PsfModel:
     grid = np.array([0.0, (n - 1) / 2, n - 1.0])
     fwhm = np.array([[3.0, 3.5, 4.0], [3.5, 4.0, 4.5], [4.0, 4.5, 5.0]])

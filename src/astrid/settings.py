@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from astrid.pipeline.config import PipelineConfig
+    from astrid.pipeline.config import CandidateScorer, PipelineConfig
 
 __all__ = ["DEFAULT_DATA_DIR", "Settings"]
 
@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         Detections closer than this to an object's mean position join that object.
     cutout_size : int
         Side of the cutout stamps stored with every candidate, pixels (odd).
+    real_bogus_model : str
+        The model that scores candidates in the pipeline's score stage: ``"packaged"``
+        (the one shipped inside the package, no network), ``"champion"`` or
+        ``"challenger"`` (that alias of ``real_bogus`` in the MLflow registry under
+        ``data_dir/mlflow``), a path to a model bundle folder, or ``"none"`` (candidates
+        are stored without a score).
     """
 
     model_config = SettingsConfigDict(
@@ -93,6 +99,11 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Association radius of detections into objects, arcsec."
     )
     cutout_size: int = Field(default=63, ge=7, description="Cutout stamp side, pixels (odd).")
+    real_bogus_model: str = Field(
+        default="packaged",
+        min_length=1,
+        description="Scoring model: packaged, champion, challenger, a bundle path, or none.",
+    )
 
     @field_validator("cutout_size")
     @classmethod
@@ -100,6 +111,38 @@ class Settings(BaseSettings):
         if value % 2 != 1:
             raise ValueError(f"cutout_size must be odd, got {value}")
         return value
+
+    def scorer(self) -> CandidateScorer | None:
+        """The real/bogus model named by :attr:`real_bogus_model`, loaded; None for ``none``.
+
+        Raises
+        ------
+        ModelNotAvailable
+            If the model cannot be found or loaded, or its cutout size differs from
+            :attr:`cutout_size` (its candidates could not be scored).
+        """
+        spec = self.real_bogus_model.strip()
+        if spec.lower() == "none":
+            return None
+        from astrid.errors import ModelNotAvailable
+        from astrid.ml.serve import Scorer
+
+        if spec == "packaged":
+            scorer = Scorer.packaged("real_bogus")
+        elif spec in ("champion", "challenger"):
+            from astrid.ml.registry import ModelRegistry, RegistryConfig
+
+            registry = ModelRegistry(RegistryConfig.local(self.data_dir / "mlflow"))
+            scorer = registry.load_scorer("real_bogus", spec)
+        else:
+            scorer = Scorer.from_path(Path(spec))
+        if scorer.config.cutout_size != self.cutout_size:
+            raise ModelNotAvailable(
+                f"{scorer.model_name} version {scorer.model_version}",
+                f"it scores {scorer.config.cutout_size}-pixel cutouts and the pipeline cuts "
+                f"{self.cutout_size}-pixel ones (set cutout_size or choose another model)",
+            )
+        return scorer
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in :attr:`data_dir`."""

@@ -35,7 +35,8 @@ def demo(
     appears half-way through. The images are written as FITS to OUTPUT/images, then
     registered and processed exactly as `astrid ingest` and `astrid process` would:
     calibration, quality gate, reference choice, alignment, subtraction, detection and
-    measurement, scoring (no model yet: no scores) and association into objects, in a
+    measurement, real/bogus scoring (the model shipped in the package, or the one
+    ASTRID_REAL_BOGUS_MODEL names) and association into objects, in a
     SQLite database and artifact folder inside OUTPUT. The summary lists what was
     found, which injected transients were recovered (an object within 1 arcsec of the
     true position) and the time spent per stage.
@@ -46,13 +47,20 @@ def demo(
     from astrid.pipeline.demo import recover_transients, simulate_demo_field
     from astrid.pipeline.runner import PipelineRunner
     from astrid.services.observations import ingest_file, stage_durations, status_report
-    from astrid.store.models import Candidate, Observation, ReferenceImage, SkyObject
+    from astrid.store.models import (
+        Candidate,
+        ModelScore,
+        Observation,
+        ReferenceImage,
+        SkyObject,
+    )
 
     started = time.perf_counter()
     # The demo always runs on the embedded default, inside OUTPUT.
     settings = load_settings(data_dir=output, workers=workers)
     settings = settings.model_copy(update={"database_url": None, "artifact_url": None})
     config = settings.pipeline_config()
+    scorer = settings.scorer()
     typer.echo(f"simulating {epochs} epochs of a {size}x{size} field (seed {seed}) in {output}")
     field = simulate_demo_field(output, size=size, epochs=epochs, seed=seed)
 
@@ -80,6 +88,7 @@ def demo(
                 db.artifact_url,
                 config=config,
                 workers=settings.workers,
+                scorer=scorer,
                 events=bus,
                 progress=progress,
             )
@@ -115,8 +124,20 @@ def demo(
                 if reference_obs is not None and reference_obs.mjd is not None
                 else field.mjds[0]
             )
+            model = None if scorer is None else (scorer.model_name, scorer.model_version)
             recoveries = recover_transients(
-                session, field, reference_mjd=reference_mjd, radius_arcsec=1.0
+                session, field, reference_mjd=reference_mjd, radius_arcsec=1.0, model=model
+            )
+            all_scores = (
+                []
+                if model is None
+                else list(
+                    session.scalars(
+                        select(ModelScore.score).where(
+                            ModelScore.model_name == model[0], ModelScore.model_version == model[1]
+                        )
+                    )
+                )
             )
         shown = db.display_url
         artifacts = db.artifact_url
@@ -139,8 +160,20 @@ def demo(
         )
     typer.echo(
         f"candidates    {n_candidates} ({n_candidates - n_negative} brighter, {n_negative} "
-        "fainter than the reference); real/bogus scores: none (no model configured)"
+        "fainter than the reference)"
     )
+    if scorer is None:
+        typer.echo("real/bogus    none (no model configured: candidates are not scored)")
+    else:
+        transient_scores = [v for r in recoveries for v in r.scores]
+        n_other = len(all_scores) - len(transient_scores)
+        other_real = sum(v >= 0.5 for v in all_scores) - sum(v >= 0.5 for v in transient_scores)
+        typer.echo(
+            f"real/bogus    {len(all_scores)} candidates scored by {scorer.model_name} version "
+            f"{scorer.model_version}: {sum(v >= 0.5 for v in transient_scores)} of "
+            f"{len(transient_scores)} detections of injected transients score >= 0.5, "
+            f"{other_real} of the other {n_other}"
+        )
     typer.echo(f"objects       {n_objects} ({multi} detected at more than one epoch)")
     for f in report.failures:
         typer.echo(f"failed        observation {f.observation_id}: {f.reason}")
@@ -152,15 +185,17 @@ def demo(
     )
     typer.echo(
         f"  {'transient':<18}{'ra':>11}{'dec':>10}  {'object':>6}{'offset':>8}"
-        f"{'detections':>12}  difference magnitudes (brighter), in time order"
+        f"{'detections':>12}  difference magnitudes (brighter), in time order; real/bogus"
     )
     for r in recoveries:
         if r.recovered:
             mags = " ".join(f"{m:.2f}" for m in r.magnitudes) or "-"
+            scores = " ".join(f"{v:.2f}" for v in r.scores)
             typer.echo(
                 f"  {r.label:<18}{r.spec.ra:>11.5f}{r.spec.dec:>10.5f}  {r.object_id:>6}"
                 f'{r.separation_arcsec or 0.0:>7.2f}"'
                 f"{f'{r.n_detections} of {r.n_changed_epochs}':>12}  {mags}"
+                + (f"; {scores}" if scores else "")
             )
         else:
             typer.echo(

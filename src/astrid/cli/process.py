@@ -59,6 +59,14 @@ def process(
         help="First make failed observations pending again from the stage that failed "
         "(after fixing what failed them); rejected ones stay rejected.",
     ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Real/bogus model: packaged (shipped in the package), champion or challenger "
+        "(registry aliases), a bundle folder, or none (env ASTRID_REAL_BOGUS_MODEL; "
+        "default packaged). Running again with another model scores the processed "
+        "observations with it too (shadow scoring): every score names its model.",
+    ),
     data_dir: Path | None = DATA_DIR_OPTION,
     database_url: str | None = DATABASE_URL_OPTION,
     artifact_url: str | None = ARTIFACT_URL_OPTION,
@@ -66,17 +74,24 @@ def process(
     """Run every pending stage of every registered observation.
 
     Calibrate and characterise (quality gate), choose a reference per field and band,
-    align, subtract, detect and measure candidates, score them (no model is used yet:
-    scores stay absent), and associate them into objects. Every stage is recorded as it
-    completes, so an interrupted run resumes where it stopped when started again; a
-    failed observation is recorded with its reason and the others go on.
+    align, subtract, detect and measure candidates, score them with the real/bogus
+    model, and associate them into objects. Every stage is recorded as it completes, so
+    an interrupted run resumes where it stopped when started again; a failed observation
+    is recorded with its reason and the others go on.
     """
     from astrid.events import EventBus
     from astrid.pipeline.runner import PipelineRunner
 
     settings = load_settings(
-        data_dir=data_dir, database_url=database_url, artifact_url=artifact_url, workers=workers
+        data_dir=data_dir,
+        database_url=database_url,
+        artifact_url=artifact_url,
+        workers=workers,
+        real_bogus_model=model,
     )
+    scorer = settings.scorer()
+    if scorer is not None:
+        typer.echo(f"scoring with {scorer.model_name} version {scorer.model_version}")
     with open_database(settings) as db:
         if retry_failed:
             from astrid.services.observations import reset_failed
@@ -89,6 +104,7 @@ def process(
             db.artifact_url,
             config=settings.pipeline_config(),
             workers=settings.workers,
+            scorer=scorer,
             events=EventBus(),
         )
         with RichProgress() as progress:

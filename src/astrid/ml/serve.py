@@ -343,6 +343,16 @@ class Scorer:
         """Version of the loaded weights."""
         return self.metadata.version
 
+    @property
+    def model_name(self) -> str:
+        """Registered model name, stored with every score (the pipeline's scorer interface)."""
+        return self.metadata.name
+
+    @property
+    def model_version(self) -> str:
+        """Exact version of the weights, stored with every score."""
+        return self.metadata.version
+
     def _check(self, triplets: ArrayLike) -> NDArray[np.float32]:
         data = np.asarray(triplets, dtype=np.float32)
         if data.ndim == 3:

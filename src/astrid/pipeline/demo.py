@@ -36,7 +36,7 @@ from astrid.science.simulate import (
     simulate_survey,
 )
 from astrid.store.cone import cone_search
-from astrid.store.models import Candidate, SkyObject
+from astrid.store.models import Candidate, ModelScore, SkyObject
 
 __all__ = ["DemoField", "Recovery", "recover_transients", "simulate_demo_field"]
 
@@ -234,6 +234,9 @@ class Recovery:
         from that in the reference (the most it can be detected in).
     magnitudes : tuple of float
         Difference magnitudes of the object's positive detections, in time order.
+    scores : tuple of float
+        Real/bogus scores of the object's detections by the model asked for, in time
+        order (empty without a model).
     """
 
     label: str
@@ -243,6 +246,7 @@ class Recovery:
     n_detections: int
     n_changed_epochs: int
     magnitudes: tuple[float, ...]
+    scores: tuple[float, ...] = ()
 
     @property
     def recovered(self) -> bool:
@@ -256,6 +260,7 @@ def recover_transients(
     *,
     reference_mjd: float,
     radius_arcsec: float = 1.0,
+    model: tuple[str, str] | None = None,
 ) -> list[Recovery]:
     """Match each injected transient to the nearest object within ``radius_arcsec``.
 
@@ -269,6 +274,8 @@ def recover_transients(
         Time of the epoch used as the reference.
     radius_arcsec : float
         Match radius.
+    model : (str, str) or None
+        Name and version of the real/bogus model whose scores to report.
     """
     out = []
     for spec, label in zip(field.transients, field.labels, strict=True):
@@ -295,6 +302,21 @@ def recover_transients(
                 .order_by(Candidate.mjd)
             )
         )
+        scores: tuple[float, ...] = ()
+        if model is not None:
+            scores = tuple(
+                float(v)
+                for v in session.scalars(
+                    select(ModelScore.score)
+                    .join(Candidate, ModelScore.candidate_id == Candidate.id)
+                    .where(
+                        Candidate.object_id == sky_object.id,
+                        ModelScore.model_name == model[0],
+                        ModelScore.model_version == model[1],
+                    )
+                    .order_by(Candidate.mjd)
+                )
+            )
         out.append(
             Recovery(
                 label,
@@ -304,6 +326,7 @@ def recover_transients(
                 sky_object.n_detections,
                 changed,
                 mags,
+                scores,
             )
         )
     return out

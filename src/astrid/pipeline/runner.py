@@ -215,6 +215,9 @@ def _init_worker(
     """Pool initializer: a database engine and an artifact store of this process's own."""
     global _worker_context
     _die_with_parent(parent_pid)
+    if scorer is not None and fft_threads is not None and "torch" in sys.modules:
+        # A scorer built on torch: its threads share the worker's cores with the FFTs.
+        sys.modules["torch"].set_num_threads(max(1, fft_threads))
     engine = open_engine(database_url)
     _worker_context = StageContext(
         sessions=create_session_factory(engine),

@@ -12,7 +12,14 @@ from astrid.settings import Settings
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("DATA_DIR", "DATABASE_URL", "ARTIFACT_URL", "WORKERS", "OVERSCAN"):
+    for name in (
+        "DATA_DIR",
+        "DATABASE_URL",
+        "ARTIFACT_URL",
+        "WORKERS",
+        "OVERSCAN",
+        "REAL_BOGUS_MODEL",
+    ):
         monkeypatch.delenv(f"ASTRID_{name}", raising=False)
     monkeypatch.chdir(tmp_path)  # no .env file
 
@@ -53,3 +60,19 @@ def test_options_are_checked() -> None:
     assert config.characterize.quality.min_stars == 7
     assert config.difference.subtract.method == "al"
     assert config.difference.detect.n_sigma == 4.0
+
+
+def test_the_default_scorer_is_the_shipped_model(tmp_path: Path) -> None:
+    from astrid.errors import ModelNotAvailable
+    from astrid.pipeline.config import CandidateScorer
+
+    scorer = Settings(data_dir=tmp_path).scorer()
+    assert isinstance(scorer, CandidateScorer)
+    assert scorer.model_name == "real_bogus"
+    assert Settings(data_dir=tmp_path, real_bogus_model="none").scorer() is None
+    with pytest.raises(ModelNotAvailable, match="no model bundle folder"):
+        Settings(data_dir=tmp_path, real_bogus_model=str(tmp_path / "missing")).scorer()
+    with pytest.raises(ModelNotAvailable, match="41-pixel ones"):
+        Settings(data_dir=tmp_path, cutout_size=41).scorer()
+    with pytest.raises(ModelNotAvailable):  # an empty registry has no champion
+        Settings(data_dir=tmp_path, real_bogus_model="champion").scorer()

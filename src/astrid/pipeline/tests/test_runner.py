@@ -355,6 +355,36 @@ def test_an_injected_scorer_scores_the_stored_candidates(
     assert again.n_differenced == 0
 
 
+def test_the_shipped_model_scores_in_worker_processes(baseline: Baseline, tmp_path: Path) -> None:
+    from astrid.ml.serve import Scorer
+    from astrid.services.candidates import candidate_triplets
+
+    copy = tmp_path / "shipped.db"
+    shutil.copyfile(baseline.url.removeprefix("sqlite:///"), copy)
+    url = f"sqlite:///{copy}"
+    scorer = Scorer.packaged("real_bogus")
+    summary = PipelineRunner(url, baseline.artifacts, workers=2, scorer=scorer).run()
+    assert summary.n_differenced == 4
+    engine = open_engine(url)
+    try:
+        with create_session_factory(engine)() as session:
+            rows = session.execute(
+                select(ModelScore.candidate_id, ModelScore.score, ModelScore.model_version)
+                .where(ModelScore.model_name == "real_bogus")
+                .order_by(ModelScore.candidate_id)
+            ).all()
+            n_candidates = session.scalar(select(func.count()).select_from(Candidate))
+            assert n_candidates and len(rows) == n_candidates
+            assert {r.model_version for r in rows} == {scorer.model_version}
+            ids = [int(r.candidate_id) for r in rows]
+            # What the workers stored is what the model gives on the stored cutouts.
+            store = LocalArtifactStore(baseline.artifacts)
+            expected = scorer.score(candidate_triplets(session, store, ids))
+    finally:
+        engine.dispose()
+    np.testing.assert_allclose([r.score for r in rows], expected, rtol=1e-5, atol=1e-6)
+
+
 def _committed(engine: Engine, what: str) -> int:
     """Succeeded runs of a stage, or stored difference images for ``"difference"``."""
     query = select(func.count())
@@ -373,6 +403,8 @@ def _process_command(url: str, artifacts: str, log: Path) -> subprocess.Popen[by
         **os.environ,
         "ASTRID_DATABASE_URL": url,
         "ASTRID_ARTIFACT_URL": artifacts,
+        # The baseline is unscored; scoring in worker processes has its own test.
+        "ASTRID_REAL_BOGUS_MODEL": "none",
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.Popen(

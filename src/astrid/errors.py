@@ -29,7 +29,24 @@ __all__ = [
 
 
 class AstridError(Exception):
-    """Base class of every error AstrID raises on purpose."""
+    """Base class of every error AstrID raises on purpose.
+
+    Errors pickle with their attributes (so a worker process can raise one to its
+    parent), whatever their constructor's parameters.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_restore_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore_error(
+    cls: type[AstridError], args: tuple[object, ...], state: dict[str, object]
+) -> AstridError:
+    """Rebuild a pickled error without calling its constructor."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class CorruptFitsFile(AstridError):

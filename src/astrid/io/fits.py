@@ -389,6 +389,13 @@ def _matching_plane(
 
 
 def _read_own(path: Path, hdul: fits.HDUList) -> Exposure:
+    missing = [name for name in ("SCI", "VARIANCE", "MASK") if name not in hdul]
+    if missing:
+        raise CorruptFitsFile(
+            str(path),
+            f"an AstrID exposure file without its {', '.join(missing)} extension(s) "
+            "(truncated or damaged)",
+        )
     sci = hdul["SCI"]
     data = check_image(np.asarray(sci.data), f"SCI of {path.name}")
     variance = np.asarray(hdul["VARIANCE"].data, np.float32)

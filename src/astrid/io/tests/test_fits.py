@@ -129,6 +129,17 @@ def test_truncated_file(tmp_path: Path) -> None:
         read_exposure(bad)
 
 
+@pytest.mark.parametrize("keep_bytes", [5000, 20000])
+def test_truncated_astrid_file(tmp_path: Path, keep_bytes: int) -> None:
+    own = tmp_path / "own.fits"
+    plane = np.ones((64, 64), np.float32)
+    write_exposure(Exposure(data=plane, variance=plane, mask=np.zeros((64, 64), np.uint16)), own)
+    bad = tmp_path / "cut.fits"
+    bad.write_bytes(own.read_bytes()[:keep_bytes])
+    with pytest.raises(CorruptFitsFile, match="truncated"):
+        read_exposure(bad)
+
+
 def test_not_fits_and_missing(tmp_path: Path) -> None:
     junk = tmp_path / "junk.fits"
     junk.write_text("this is not a FITS file\n" * 100)

@@ -16,7 +16,8 @@ exists and new epochs arrive: on a fresh database (a SQLite file, or a new Postg
 database created from ``--postgres-url`` and dropped afterwards) it first registers and
 processes the reference epoch alone (not timed), then times registering the ``n`` new
 files and running every stage on them (calibrate, characterize, align, subtract,
-detect and measure, score, associate) with ``--workers`` processes. It prints the
+detect and measure, score with the shipped real/bogus model unless ``--model none``,
+associate) with ``--workers`` processes. It prints the
 observations per hour and per day, and the time of each stage summed over the worker
 processes with its share of the total.
 """
@@ -82,9 +83,10 @@ def _database_url(backend: str, folder: Path, postgres_url: str) -> tuple[str, C
     return admin_url.set(database=name).render_as_string(hide_password=False), drop
 
 
-def run(folder: Path, backend: str, workers: int, postgres_url: str) -> None:
+def run(folder: Path, backend: str, workers: int, postgres_url: str, model: str) -> None:
     import shutil
 
+    from astrid.ml.serve import Scorer
     from astrid.pipeline.runner import PipelineRunner, open_engine
     from astrid.pipeline.stages import STAGES
     from astrid.services.observations import ingest_file
@@ -105,8 +107,9 @@ def run(folder: Path, backend: str, workers: int, postgres_url: str) -> None:
         store = LocalArtifactStore(artifacts)
 
         # Not timed: the field's reference.
+        scorer = None if model == "none" else Scorer.packaged(model)
         ingest_file(sessions, store, folder / "reference.fits")
-        PipelineRunner(url, str(artifacts), workers=1).run()
+        PipelineRunner(url, str(artifacts), workers=1, scorer=scorer).run()
 
         load_before = os.getloadavg()[0]
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -114,7 +117,7 @@ def run(folder: Path, backend: str, workers: int, postgres_url: str) -> None:
             ingest_file(sessions, store, path)
         ingest_seconds = time.perf_counter() - start
         ingest_cpu = time.process_time() - cpu_start
-        summary = PipelineRunner(url, str(artifacts), workers=workers).run()
+        summary = PipelineRunner(url, str(artifacts), workers=workers, scorer=scorer).run()
         wall = time.perf_counter() - start
         engine.dispose()
     finally:
@@ -124,7 +127,8 @@ def run(folder: Path, backend: str, workers: int, postgres_url: str) -> None:
     per_obs = wall / n
     print(
         f"{n} observations of {_shape(epochs[0])} on {backend}, {workers} worker processes, "
-        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}); scored by "
+        + ("no model" if scorer is None else f"{scorer.model_name} version {scorer.model_version}")
     )
     print(
         f"wall {wall:.1f} s: {per_obs:.2f} s per observation, {3600 / per_obs:,.0f} per hour, "
@@ -194,11 +198,14 @@ def main() -> None:
         ),
         help="server where a scratch database may be created",
     )
+    r.add_argument(
+        "--model", default="real_bogus", help="shipped real/bogus model that scores, or none"
+    )
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.folder, args.n, args.size, args.seed)
     else:
-        run(args.folder, args.backend, args.workers, args.postgres_url)
+        run(args.folder, args.backend, args.workers, args.postgres_url, args.model)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,19 @@ def test_shadow_mode_scores_with_both_models(tmp_path: Path, raw_triplets) -> No
     np.testing.assert_allclose(shadow.challenger, challenger.score(raw_triplets))
     np.testing.assert_allclose(shadow.disagreement, shadow.challenger - shadow.champion)
     assert not np.allclose(shadow.champion, shadow.challenger)
+
+
+def test_threaded_normalisation_equals_one_call() -> None:
+    scorer = Scorer.packaged("real_bogus")
+    rng = np.random.default_rng(4)
+    raw = rng.normal(50.0, 3.0, (300, 3, 63, 63)).astype(np.float32)
+    raw[:7, :, :, :9] = np.nan  # cutouts at an image edge
+    raw[10, 1] = np.nan  # a plane with no data
+    raw[11, 2] = 5.0  # a constant plane
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = scorer.normalise(raw)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(threaded, normalise_triplet(raw))

@@ -5,10 +5,17 @@ Usage::
     python bench/bench_chain.py prepare bench/out/pair4k --size 4096
     python bench/bench_chain.py run bench/out/pair4k --repeat 3
 
+    python bench/bench_chain.py pair bench/out/pair4k --repeat 3
+
 ``prepare`` simulates two epochs of one field (different seeing and pointing) and writes
 them as FITS; ``run`` times each step of the chain in one process and prints a table of
 the median and minimum over ``--repeat`` passes (the first pass also pays the imports'
 first-call costs, so it is included in neither statistic when ``--repeat`` > 1).
+
+``pair`` times the chain as the library runs it, :func:`astrid.pipeline.pair.prepare_pair`
+(load, calibrate and characterise each image, then align), with the reference branch in
+a second process and, alternating in the same command, with both branches in this
+process; it prints the median wall and CPU seconds of each and their ratio.
 """
 
 from __future__ import annotations
@@ -130,6 +137,49 @@ def run(folder: Path, repeat: int) -> None:
     print(f"alignment residual: {last['_rms_pix']:.3f} px from {int(last['_n_matched'])} stars")
 
 
+def run_pair(folder: Path, repeat: int) -> None:
+    import resource
+
+    from astrid.pipeline.pair import PairConfig, prepare_pair
+
+    def cpu_seconds() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    science, reference = folder / "science.fits", folder / "reference.fits"
+    prepare_pair(science, reference, config=PairConfig(parallel=False))  # warm-up
+    rows: dict[bool, list[tuple[float, float, dict[str, float]]]] = {True: [], False: []}
+    for _ in range(repeat):
+        for parallel in (True, False):
+            wall, cpu = time.perf_counter(), cpu_seconds()
+            result = prepare_pair(science, reference, config=PairConfig(parallel=parallel))
+            rows[parallel].append((time.perf_counter() - wall, cpu_seconds() - cpu, result.seconds))
+    print(
+        f"prepare_pair on {folder.name}: {repeat} passes each, alternating, after one warm-up; "
+        f"alignment residual {result.alignment.rms_pix:.3f} px from "
+        f"{result.alignment.n_matched} stars"
+    )
+    print(
+        f"{'branches':<22}{'wall s':>8}{'CPU s':>8}{'science s':>11}{'reference s':>13}"
+        f"{'align s':>9}"
+    )
+    medians = {}
+    for parallel in (True, False):
+        r = rows[parallel]
+        wall = statistics.median(x[0] for x in r)
+        medians[parallel] = wall
+        print(
+            f"{'two processes' if parallel else 'one process':<22}{wall:>8.2f}"
+            f"{statistics.median(x[1] for x in r):>8.2f}"
+            f"{statistics.median(x[2]['science'] for x in r):>11.2f}"
+            f"{statistics.median(x[2]['reference'] for x in r):>13.2f}"
+            f"{statistics.median(x[2]['align'] for x in r):>9.2f}"
+        )
+    ratios = [a[0] / b[0] for a, b in zip(rows[True], rows[False], strict=True)]
+    print(f"wall ratio two/one processes: median {statistics.median(ratios):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,9 +190,14 @@ def main() -> None:
     r = sub.add_parser("run", help="time the chain")
     r.add_argument("folder", type=Path)
     r.add_argument("--repeat", type=int, default=1)
+    q = sub.add_parser("pair", help="time prepare_pair, two processes against one")
+    q.add_argument("folder", type=Path)
+    q.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.folder, args.size, args.seed)
+    elif args.command == "pair":
+        run_pair(args.folder, args.repeat)
     else:
         run(args.folder, args.repeat)
 

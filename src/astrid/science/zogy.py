@@ -1520,7 +1520,10 @@ def fit_flux_scale(
         ratio = float(np.sum((w * f_sci * f_ref)[used]) / np.sum((w * f_ref**2)[used]))
         resid = (f_sci - ratio * f_ref) * np.sqrt(1.0 / (e_sci**2 + ratio**2 * e_ref**2))
         med, scale = _robust_median_sigma(resid[used])
-        scale = max(scale, 1e-12)
+        # Residuals are in units of each star's own error, so their scatter is at least
+        # 1; a MAD from a handful of stars can come out far below that by chance and
+        # would then clip stars that agree within their errors.
+        scale = max(scale, 1.0)
         keep = measured & (np.abs(resid - med) <= cfg.clip_sigma * scale)
         if int(np.count_nonzero(keep)) < cfg.min_stars:
             raise StarMatchFailed(

@@ -147,7 +147,7 @@ class PsfConfig:
     accuracy: float = 0.03
     clip_sigma: float = 4.0
     n_iterations: int = 3
-    wing_radius: float | None = 1.5
+    wing_radius: float | None = 1.0
     stars: StarConfig = field(default_factory=StarConfig)
 
 

@@ -1,0 +1,475 @@
+"""Evaluate a real/bogus model on a fresh injected set whose fields no model was trained on.
+
+Two steps::
+
+    # 1. build the set: every simulated field drawn from --seed, every example in "test"
+    OMP_NUM_THREADS=2 python bench/ml_eval.py build bench/out/ml_eval \
+        --seed 9001 --fields 40 --pairs-per-field 3 --shared-data ../shared/data --workers 2
+
+    # 2. score it with the packaged model (or a bundle) and write metrics and plots
+    OMP_NUM_THREADS=2 python bench/ml_eval.py evaluate \
+        bench/out/ml_eval/real-bogus-eval-9001.npz --plots docs/img \
+        -o bench/out/ml_eval/metrics.json
+
+``build`` uses :func:`astrid.pipeline.training_set.build_training_set` with the same
+recipes as ``astrid train`` but another seed and ``fractions=(0, 0, 1)``, so the whole
+set is the test split (``astrid evaluate --dataset`` reads it as is). The simulated
+fields are drawn from ``default_rng([seed, field_index])``; ``build`` first checks that
+none of the field seeds of ``--seed`` occurs among the first ``--check-fields`` fields
+of the default seed 2024, which ``astrid train`` always builds from.
+
+``evaluate`` scores every example with the model's own normalisation and temperature
+(:class:`astrid.ml.serve.Scorer`) and reports, through :mod:`astrid.ml.evaluate` and
+:mod:`astrid.ml.metrics`: ROC AUC, missed detections at 1 % false positives, false
+positives at 1 % missed detections, expected calibration error, completeness against
+S/N; overall, per source of pixels (simulated, real DECam) and for S/N >= 10. Plots,
+all prefixed ``ml_``: ``ml_roc.png`` (simulated and DECam curves and the operating
+points), ``ml_completeness.png`` (completeness against injected S/N at the 1 %-FPR
+threshold), ``ml_reliability.png`` (before and after temperature scaling) and
+``ml_scores.png`` (score histograms of real and bogus).
+
+``agreement`` pools sets of the per-alert CSV that ``astrid evaluate --scores-csv``
+writes and compares our score with the packets' ``drb``, ``rb`` and ``reliability``
+(:func:`astrid.ml.evaluate.score_agreement`), e.g. only the unfiltered ZTF sets::
+
+    python bench/ml_eval.py agreement bench/out/ml_alerts_sets/scores.csv \
+        --sets ztf_alerts_fink_broker/raw_2020-01-01 ztf_alerts_ampel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIELD_SEED_DEFAULT = 2024
+
+
+def _field_seeds(seed: int, n_fields: int) -> set[int]:
+    """Seeds of the simulated fields a training set with this seed draws (one pair each)."""
+    from astrid.pipeline.training_set import TrainingSetConfig, simulated_pair_specs
+
+    specs = simulated_pair_specs(TrainingSetConfig(seed=seed, n_fields=n_fields, pairs_per_field=1))
+    return {s.field_seed for s in specs}
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from astrid.pipeline.training_set import TrainingSetConfig, build_training_set
+
+    ours = _field_seeds(args.seed, args.fields)
+    default = _field_seeds(FIELD_SEED_DEFAULT, args.check_fields)
+    shared = ours & default
+    print(
+        f"field seeds: {len(ours)} fields of seed {args.seed}, {len(default)} of seed "
+        f"{FIELD_SEED_DEFAULT}; in common: {len(shared)}"
+    )
+    if shared and args.seed != FIELD_SEED_DEFAULT:
+        print("refusing: some fields coincide with the default seed's", file=sys.stderr)
+        return 1
+    config = TrainingSetConfig(
+        name=f"real-bogus-eval-{args.seed}",
+        n_fields=args.fields,
+        pairs_per_field=args.pairs_per_field,
+        seed=args.seed,
+        real_pairs=args.shared_data is not None,
+        fractions=(0.0, 0.0, 1.0),
+    )
+
+    printed: set[int] = set()
+
+    def progress(done: int, total: int, outcome: Any) -> None:
+        if (done % 10 == 0 or done == total) and done not in printed:
+            printed.add(done)  # cached pairs all report the same count
+            print(f"[{done}/{total}] {outcome.group}: {outcome.status[:80]}", flush=True)
+
+    started = time.perf_counter()
+    _, manifest = build_training_set(
+        config, args.output, shared_data=args.shared_data, workers=args.workers, progress=progress
+    )
+    keys = (
+        "n_examples",
+        "n_real",
+        "n_bogus",
+        "n_pairs",
+        "n_pairs_used",
+        "n_fakes_injected",
+        "n_fakes_detected",
+        "n_ambiguous_dropped",
+        "content_sha256",
+    )
+    for key in keys:
+        print(f"{key}: {manifest[key]}")
+    print("per_source:", manifest["per_source"])
+    reasons: dict[str, int] = {}
+    for reason, count in manifest["skipped_pairs"].items():
+        short = reason.split(": ", 1)[1].split(":")[0:2]
+        reasons[":".join(short)] = reasons.get(":".join(short), 0) + count
+    print("skipped pairs by reason:", reasons)
+    target = Path(args.output) / f"{config.name}.npz"
+    print(f"wrote {target} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _fmt(m: Any) -> str:
+    return (
+        f"n={m.n_real}+{m.n_bogus}  AUC {m.auc:.4f}  FNR@1%FPR {m.fnr_at_1pct_fpr:.4f} "
+        f"(thr {m.threshold_at_1pct_fpr:.3f})  FPR@1%FNR {m.fpr_at_1pct_fnr:.4f} "
+        f"(thr {m.threshold_at_1pct_fnr:.4f})  ECE {m.ece:.4f}"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+    from scipy.special import expit
+
+    from astrid.ml.evaluate import classifier_metrics
+    from astrid.ml.metrics import (
+        expected_calibration_error,
+        fnr_at_fpr,
+        fpr_at_fnr,
+        reliability_curve,
+        roc_curve,
+    )
+    from astrid.ml.serve import Scorer
+    from astrid.pipeline.training_set import load_training_set
+
+    torch.set_num_threads(args.threads)
+    scorer = Scorer.from_path(args.model) if args.model else Scorer.packaged("real_bogus")
+    data = load_training_set(args.dataset)
+    part = data.part("test")
+    if len(part) != len(data):
+        print(f"note: scoring the test split only ({len(part)} of {len(data)} examples)")
+    print(
+        f"model {scorer.metadata.name} version {scorer.version} "
+        f"(T = {scorer.metadata.temperature:.4f}); data set {data.content_hash()[:16]}, "
+        f"{len(part)} examples"
+    )
+    started = time.perf_counter()
+    logits = scorer.logits(part.triplets).astype(np.float64)
+    seconds = time.perf_counter() - started
+    raw = expit(logits)
+    scores = expit(logits / scorer.metadata.temperature)
+    labels = part.labels.astype(int)
+    selections = {
+        "all": np.ones(len(part), bool),
+        "simulated": part.source == "simulated",
+        "sfft-decam": part.source == "sfft-decam",
+        "snr>=10": part.snr >= 10.0,
+        "simulated, snr>=10": (part.source == "simulated") & (part.snr >= 10.0),
+        "sfft-decam, snr>=10": (part.source == "sfft-decam") & (part.snr >= 10.0),
+    }
+    results: dict[str, Any] = {
+        "model": scorer.metadata.name,
+        "version": scorer.version,
+        "temperature": scorer.metadata.temperature,
+        "dataset_sha256": data.content_hash(),
+        "scoring_seconds": seconds,
+        "metrics": {},
+    }
+    per: dict[str, Any] = {}
+    for name, sel in selections.items():
+        y = labels[sel]
+        if not 0 < y.sum() < len(y):
+            print(f"{name:<22} skipped: one class only")
+            continue
+        m = classifier_metrics(y, scores[sel], snr=part.snr[sel])
+        per[name] = m
+        print(f"{name:<22} {_fmt(m)}")
+        results["metrics"][name] = m.as_dict()
+    ece_raw = expected_calibration_error(raw, labels)
+    results["ece_uncalibrated"] = ece_raw
+    print(f"ECE before temperature scaling {ece_raw:.4f}, after {per['all'].ece:.4f}")
+    # The same threshold for every source: the one at 1 % FPR on the whole set.
+    thr = per["all"].threshold_at_1pct_fpr
+    for name in ("simulated", "sfft-decam"):
+        sel = selections[name]
+        real, bogus = sel & (labels == 1), sel & (labels == 0)
+        fnr = float(np.mean(scores[real] < thr)) if real.any() else math.nan
+        fpr = float(np.mean(scores[bogus] >= thr)) if bogus.any() else math.nan
+        results.setdefault("at_global_1pct_fpr_threshold", {})[name] = {"fnr": fnr, "fpr": fpr}
+        print(f"at the overall 1%-FPR threshold {thr:.3f}: {name}: FNR {fnr:.4f}, FPR {fpr:.4f}")
+    # Completeness table (overall, at the overall 1 %-FPR threshold).
+    curve = per["all"].completeness
+    assert curve is not None
+    rows = []
+    print("completeness at the 1%-FPR threshold (real examples, injected S/N):")
+    for lo, hi, n, k, c in zip(
+        curve.bin_edges[:-1],
+        curve.bin_edges[1:],
+        curve.n_total,
+        curve.n_accepted,
+        curve.completeness,
+        strict=True,
+    ):
+        rows.append({"snr_lo": lo, "snr_hi": hi, "n": int(n), "accepted": int(k), "c": c})
+        print(f"  S/N {lo:>5.0f}-{hi:<5.0f} n={n:<5} accepted={k:<5} completeness {c:.3f}")
+    results["completeness"] = rows
+    # Fakes injected vs detected (the detection step's completeness, before any scoring).
+    fakes = data.fakes
+    if len(fakes.get("snr", ())):
+        edges = np.asarray(curve.bin_edges)
+        inj = np.histogram(fakes["snr"], edges)[0]
+        det = np.histogram(fakes["snr"][fakes["detected"]], edges)[0]
+        results["detection"] = {
+            "edges": edges.tolist(),
+            "injected": inj.tolist(),
+            "detected": det.tolist(),
+        }
+        print("detection of injected fakes (before scoring):")
+        for lo, hi, a, b in zip(edges[:-1], edges[1:], inj, det, strict=True):
+            print(
+                f"  S/N {lo:>5.0f}-{hi:<5.0f} injected {a:<5} detected {b:<5} {b / max(a, 1):.3f}"
+            )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    if args.plots:
+        _plots(
+            Path(args.plots),
+            labels,
+            scores,
+            raw,
+            part,
+            per,
+            selections,
+            scorer,
+            roc_curve,
+            reliability_curve,
+            fnr_at_fpr,
+            fpr_at_fnr,
+        )
+    return 0
+
+
+def _plots(
+    folder: Path,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    raw: np.ndarray,
+    part: Any,
+    per: dict[str, Any],
+    selections: dict[str, np.ndarray],
+    scorer: Any,
+    roc_curve: Any,
+    reliability_curve: Any,
+    fnr_at_fpr: Any,
+    fpr_at_fnr: Any,
+) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from astrid.ml.metrics import completeness_vs_snr
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{scorer.metadata.name} v{scorer.version}"
+
+    def figure(size: tuple[float, float]) -> Figure:
+        fig = Figure(figsize=size, dpi=110, layout="constrained")
+        FigureCanvasAgg(fig)
+        return fig
+
+    # ROC: overall, simulated, DECam; log FPR.
+    fig = figure((5.2, 4.2))
+    ax = fig.add_subplot()
+    floor = 1e-4
+    for k, name in enumerate(("all", "simulated", "sfft-decam", "snr>=10")):
+        if name not in per:
+            continue
+        sel = selections[name]
+        curve = roc_curve(labels[sel], scores[sel])
+        label = {"all": "all", "sfft-decam": "real DECam pair", "snr>=10": "S/N >= 10"}.get(
+            name, name
+        )
+        ax.step(
+            np.maximum(curve.fpr, floor),
+            curve.tpr,
+            where="post",
+            color=f"C{k}",
+            label=f"{label} (AUC {per[name].auc:.3f}, n={per[name].n_real}+{per[name].n_bogus})",
+        )
+    m = per["all"]
+    ax.plot(0.01, 1 - m.fnr_at_1pct_fpr, "o", color="k", label="1% FPR (all)")
+    ax.plot(max(m.fpr_at_1pct_fnr, floor), 0.99, "s", color="k", label="1% FNR (all)")
+    ax.axvline(0.01, color="0.7", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate (completeness)")
+    ax.set_title(f"{tag}, fresh held-out fields", fontsize="medium")
+    ax.legend(loc="lower right", fontsize="x-small")
+    ax.grid(alpha=0.3)
+    fig.savefig(folder / "ml_roc.png")
+
+    # Completeness vs S/N at the overall 1 %-FPR threshold, and the detection step's.
+    fig = figure((5.6, 3.8))
+    ax = fig.add_subplot()
+    thr = m.threshold_at_1pct_fpr
+    for k, name in enumerate(("all", "simulated", "sfft-decam")):
+        sel = selections[name] & (labels == 1)
+        if not sel.any():
+            continue
+        c = completeness_vs_snr(
+            part.snr[sel], scores[sel], threshold=thr, bin_edges=m.completeness.bin_edges
+        )
+        filled = c.n_total > 0
+        centres = np.sqrt(c.bin_edges[:-1] * c.bin_edges[1:])
+        label = {"all": "all", "sfft-decam": "real DECam pair"}.get(name, name)
+        ax.errorbar(
+            centres[filled] * (1 + 0.03 * k),
+            c.completeness[filled],
+            yerr=c.error[filled],
+            fmt="o-",
+            capsize=2,
+            color=f"C{k}",
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("injected S/N (ideal, in the difference)")
+    ax.set_ylabel("fraction of detected fakes accepted")
+    ax.set_title(f"{tag}: score >= {thr:.3f} (1% FPR overall)", fontsize="medium")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.savefig(folder / "ml_completeness.png")
+
+    # Reliability before and after temperature scaling.
+    fig = figure((8.4, 3.9))
+    for k, (probs, title) in enumerate(
+        (
+            (raw, "before temperature scaling"),
+            (scores, f"after (T = {scorer.metadata.temperature:.3f})"),
+        )
+    ):
+        ax = fig.add_subplot(1, 2, k + 1)
+        rc = reliability_curve(probs, labels)
+        filled = rc.counts > 0
+        ece = float(
+            np.sum(
+                rc.counts[filled] * np.abs(rc.fraction_positive[filled] - rc.mean_predicted[filled])
+            )
+            / rc.counts.sum()
+        )
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="calibrated")
+        ax.plot(
+            rc.mean_predicted[filled],
+            rc.fraction_positive[filled],
+            "o-",
+            color="C1",
+            label="observed",
+        )
+        for x, y, n in zip(
+            rc.mean_predicted[filled], rc.fraction_positive[filled], rc.counts[filled], strict=True
+        ):
+            ax.annotate(str(int(n)), (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted probability of real")
+        ax.set_ylabel("observed fraction real")
+        ax.set_title(f"{title} (ECE {ece:.3f})", fontsize="medium")
+        ax.legend(loc="upper left", fontsize="small")
+    fig.savefig(folder / "ml_reliability.png")
+
+    # Score histograms.
+    fig = figure((5.6, 3.6))
+    ax = fig.add_subplot()
+    bins = np.linspace(0, 1, 41).tolist()
+    ax.hist(
+        scores[labels == 0],
+        bins=bins,
+        histtype="step",
+        color="C3",
+        label=f"bogus ({int((labels == 0).sum())})",
+    )
+    ax.hist(
+        scores[labels == 1],
+        bins=bins,
+        histtype="step",
+        color="C0",
+        label=f"real ({int((labels == 1).sum())})",
+    )
+    ax.axvline(thr, color="0.4", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("calibrated score")
+    ax.set_ylabel("candidates")
+    ax.set_title(f"{tag}, fresh held-out fields", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper center")
+    fig.savefig(folder / "ml_scores.png")
+    print(f"wrote ml_roc.png, ml_completeness.png, ml_reliability.png, ml_scores.png to {folder}")
+
+
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from astropy.table import Table
+
+    from astrid.ml.evaluate import score_agreement
+
+    table = Table.read(args.scores_csv, format="ascii.csv")
+    sets = np.asarray(table["set"]).astype(str)
+    chosen = np.zeros(len(table), bool)
+    for prefix in args.sets:
+        chosen |= np.char.startswith(sets, prefix)
+    ours = np.asarray(table["score"], dtype=np.float64)
+    print(f"{int(chosen.sum())} alerts from {sorted(set(sets[chosen].tolist()))}")
+    for name in ("drb", "rb", "reliability"):
+        column = table[name]
+        theirs = np.asarray(
+            column.filled(np.nan) if hasattr(column, "filled") else column, dtype=np.float64
+        )
+        sel = chosen & np.isfinite(theirs)
+        if sel.sum() < 2:
+            continue
+        a = score_agreement(ours[sel], theirs[sel], name=name)
+        print(
+            f"  {name:<12} n={a.n:<4} positive={a.n_positive:<4} AUC {a.auc:.4f}  "
+            f"Spearman {a.spearman:+.3f} (p {a.spearman_p:.2g})"
+        )
+        pos, neg = sel & (theirs >= 0.5), sel & (theirs < 0.5)
+        print(
+            f"  {'':<12} ours >= 0.5 on {name} >= 0.5: {int(np.sum(ours[pos] >= 0.5))}/"
+            f"{int(pos.sum())}; ours < 0.5 on {name} < 0.5: {int(np.sum(ours[neg] < 0.5))}/"
+            f"{int(neg.sum())}"
+        )
+    for name in sorted(set(sets[chosen].tolist())):
+        sel = sets == name
+        print(
+            f"  {name:<42} n={int(sel.sum()):<4} median score {np.median(ours[sel]):.3f}  "
+            f"score >= 0.5: {np.mean(ours[sel] >= 0.5):.2f}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the fresh evaluation set")
+    b.add_argument("output", help="folder of the set (and its per-pair cache)")
+    b.add_argument("--seed", type=int, default=9001)
+    b.add_argument("--fields", type=int, default=40)
+    b.add_argument("--pairs-per-field", type=int, default=3)
+    b.add_argument("--shared-data", default=None, help="shared data folder (real DECam pair)")
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--check-fields", type=int, default=1000, help="default-seed fields to compare")
+    b.set_defaults(func=cmd_build)
+    e = sub.add_parser("evaluate", help="score the set and write metrics and plots")
+    e.add_argument("dataset", help="the .npz written by build")
+    e.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    e.add_argument("--plots", default=None, help="folder of the ml_*.png plots")
+    e.add_argument("-o", "--output", default=None, help="metrics as JSON")
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(func=cmd_evaluate)
+    a = sub.add_parser("agreement", help="agreement with survey scores on chosen alert sets")
+    a.add_argument("scores_csv", help="CSV written by astrid evaluate --scores-csv")
+    a.add_argument("--sets", nargs="+", required=True, help="set names (prefixes) to pool")
+    a.set_defaults(func=cmd_agreement)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

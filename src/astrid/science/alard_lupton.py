@@ -147,6 +147,12 @@ class AlardLuptonConfig:
         sigma-clipped least squares. The stamps alone sample little sky and the
         background there trades off against the kernel wings; the whole image pins it
         down.
+    model_error : float
+        Fractional error of the matching-kernel model, ``ε``: a term
+        ``2 ε² (P̃ ⊗ φ ⊗ T)²`` (``T`` the unconvolved image less its median) is added to the
+        variance of the score, as ``ZogyConfig.psf_error`` does for ZOGY, so that the
+        residual a kernel error leaves at a bright static source is not a detection. 0
+        leaves the score's variance to the pixel noise.
     """
 
     kernel_half_size: int | None = None
@@ -161,6 +167,7 @@ class AlardLuptonConfig:
     max_iterations: int = 5
     min_stamps: int = 10
     refit_background: bool = True
+    model_error: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.gaussian_sigmas) != len(self.gaussian_degrees) or not self.gaussian_sigmas:
@@ -1183,6 +1190,18 @@ def subtract_alard_lupton(
         valid = (~bad_d).astype(np.float64)
         (covered,) = _fft_convolve_many(valid, [filter_u**2], workers)
         score_variance = score_variance * np.clip(covered / sum_u2, 0.0, 1.0)
+    if cfg.model_error > 0:
+        # A fractional kernel-model error leaves ~ε of each static source in D: the term
+        # ε² (S_T² + S_M²) of ZOGY's S_corr, with both matched-filter responses taken as
+        # that of the unconvolved image (the two agree at static sources).
+        good_d = ~bad_d
+        level = float(np.median(targ[good_d][:: max(1, int(np.count_nonzero(good_d)) // 200_000)]))
+        (source_score,) = _fft_convolve_many(
+            np.where(good_d, targ - level, 0.0), [filter_u], workers
+        )
+        score_variance = score_variance + (2.0 * cfg.model_error**2) * np.square(
+            source_score / gain
+        )
     score_variance = np.where(np.isfinite(score_variance), score_variance, 0.0)
     floor = 1e-6 * float(np.max(score_variance))
     score /= np.sqrt(np.maximum(score_variance, floor))

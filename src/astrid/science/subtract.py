@@ -114,7 +114,8 @@ class SubtractConfig:
     flux_scale : FluxScaleConfig
         Photometric tie (ZOGY).
     alard_lupton : AlardLuptonConfig
-        Alard-Lupton options.
+        Alard-Lupton options. The default allows for a 2% kernel-model error in the
+        score's variance (``AlardLuptonConfig.model_error``), as for ZOGY.
     gate : GateConfig
         Bad-subtraction thresholds.
     """
@@ -122,7 +123,9 @@ class SubtractConfig:
     method: Literal["zogy", "al"] = "zogy"
     zogy: ZogyConfig = field(default_factory=lambda: ZogyConfig(psf_error=0.02, refit_offset=True))
     flux_scale: FluxScaleConfig = field(default_factory=FluxScaleConfig)
-    alard_lupton: AlardLuptonConfig = field(default_factory=AlardLuptonConfig)
+    alard_lupton: AlardLuptonConfig = field(
+        default_factory=lambda: AlardLuptonConfig(model_error=0.02)
+    )
     gate: GateConfig = field(default_factory=GateConfig)
 
 

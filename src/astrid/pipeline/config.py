@@ -94,8 +94,15 @@ class CandidateScorer(Protocol):
         Exact version of the weights, stored with every score.
     """
 
-    model_name: str
-    model_version: str
+    @property
+    def model_name(self) -> str:
+        """Registered model name, stored with every score."""
+        ...
+
+    @property
+    def model_version(self) -> str:
+        """Exact version of the weights, stored with every score."""
+        ...
 
     def score(self, triplets: NDArray[np.float32]) -> NDArray[np.float64]:
         """Probabilities in [0, 1] that each candidate is real.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from astrid.io.fits import read_exposure
 from astrid.pipeline.characterize import Characterization, CharacterizeConfig, characterize
@@ -86,8 +87,11 @@ def prepare_image(
     *,
     calibration: CalibrationConfig | None = None,
     config: CharacterizeConfig | None = None,
+    threads: int | None = None,
 ) -> tuple[Characterization, float]:
     """Read, calibrate and characterise one FITS image; returns it and the seconds taken.
+
+    ``threads`` limits the BLAS/OpenMP thread pools while it runs (``None``: as they are).
 
     Raises
     ------
@@ -95,8 +99,9 @@ def prepare_image(
         The file cannot be used.
     """
     start = time.perf_counter()
-    exposure = calibrate_exposure(read_exposure(path), config=calibration)
-    measured = characterize(exposure, config=config)
+    with threadpool_limits(threads):
+        exposure = calibrate_exposure(read_exposure(path), config=calibration)
+        measured = characterize(exposure, config=config)
     return measured, time.perf_counter() - start
 
 
@@ -136,10 +141,11 @@ def prepare_pair(
     if cfg.parallel:
         with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
             pending: Future[tuple[Characterization, float]] = pool.submit(
-                prepare_image, reference, calibration=cal, config=char
+                prepare_image, reference, calibration=cal, config=char, threads=1
             )
             try:
-                sci, sci_seconds = prepare_image(science, calibration=cal, config=char)
+                # One thread each: the two branches already fill two cores.
+                sci, sci_seconds = prepare_image(science, calibration=cal, config=char, threads=1)
             except BaseException:
                 pending.cancel()
                 raise

@@ -1175,7 +1175,7 @@ def zogy_subtract(
     )
 
 
-def clipped_mean(
+def _clipped_mean(
     image: NDArray[np.floating], good: NDArray[np.bool_], *, clip: float = 3.0
 ) -> tuple[float, float]:
     """Sigma-clipped mean of an image's good pixels and its standard error.
@@ -1231,7 +1231,7 @@ def _refit_offset(
     """
     variance = outputs.pop("score_variance")
     s_n = outputs.pop("score_science", None)
-    d_offset, d_error = clipped_mean(outputs["difference"], ~mask)
+    d_offset, d_error = _clipped_mean(outputs["difference"], ~mask)
     if not abs(d_offset) > max(3.0 * d_error, 1e-3):
         return flux_scale
     f_n = float(flux_scale.flux_ratio)

@@ -115,6 +115,12 @@ def train(
         "FRA", "--country", help="ISO 3166 alpha-3 country of the electricity mix (emissions)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the training runs."),
+    fields_seed: int | None = typer.Option(
+        None,
+        "--fields-seed",
+        help="Seed the simulated fields of the training set are drawn from; another seed "
+        "gives other fields [default: the builder's, 2024].",
+    ),
 ) -> None:
     """Build the training set, train the CNN (and U-Net), register the CNN as challenger.
 
@@ -140,10 +146,13 @@ def train(
         typer.echo(f"loaded {dataset}: {len(training_set)} examples", err=True)
     else:
         config = TrainingSetConfig(
-            name=f"real-bogus-{fields}x{pairs_per_field}",
+            name=f"real-bogus-{fields}x{pairs_per_field}"
+            + ("" if fields_seed is None else f"-seed{fields_seed}"),
             n_fields=fields,
             pairs_per_field=pairs_per_field,
         )
+        if fields_seed is not None:
+            config = replace(config, seed=fields_seed)
 
         def progress(done: int, total: int, outcome: Any) -> None:
             typer.echo(f"[{done}/{total}] {outcome.group}: {outcome.status[:100]}", err=True)

@@ -23,11 +23,11 @@ from astrid.pipeline.difference import DifferenceConfig
 from astrid.science.calibrate import CalibrationConfig, OverscanConfig
 from astrid.science.reference import ReferenceConfig
 
-__all__ = ["CandidateScorer", "PipelineConfig"]
+__all__ = ["CandidateScorer", "PipelineConfig", "reduced_image_calibration"]
 
 
-def _reduced_images() -> CalibrationConfig:
-    # Most files users bring are already reduced (no overscan strip).
+def reduced_image_calibration() -> CalibrationConfig:
+    """Calibration for already-reduced images (no overscan strip), as most users bring."""
     return CalibrationConfig(overscan=OverscanConfig(enabled=False))
 
 
@@ -53,7 +53,7 @@ class PipelineConfig:
         fraction of its footprint radius.
     """
 
-    calibration: CalibrationConfig = field(default_factory=_reduced_images)
+    calibration: CalibrationConfig = field(default_factory=reduced_image_calibration)
     characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     difference: DifferenceConfig = field(default_factory=DifferenceConfig)

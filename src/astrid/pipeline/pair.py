@@ -26,14 +26,11 @@ from threadpoolctl import threadpool_limits
 
 from astrid.io.fits import read_exposure
 from astrid.pipeline.characterize import Characterization, CharacterizeConfig, characterize
+from astrid.pipeline.config import reduced_image_calibration
 from astrid.science.align import AlignConfig, AlignmentResult, align_to
-from astrid.science.calibrate import CalibrationConfig, OverscanConfig, calibrate_exposure
+from astrid.science.calibrate import CalibrationConfig, calibrate_exposure
 
 __all__ = ["PairConfig", "PreparedPair", "prepare_image", "prepare_pair"]
-
-
-def _reduced_images() -> CalibrationConfig:
-    return CalibrationConfig(overscan=OverscanConfig(enabled=False))
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ class PairConfig:
         in this process (False: one core, or where processes cannot be started).
     """
 
-    calibration: CalibrationConfig = field(default_factory=_reduced_images)
+    calibration: CalibrationConfig = field(default_factory=reduced_image_calibration)
     characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     parallel: bool = True

@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -331,56 +331,165 @@ def _warnings_into(sink: list[str]) -> Iterator[None]:
     sink.extend(seen)
 
 
-def _fail(
-    ctx: StageContext,
-    snapshot: _Snapshot,
-    stage: str,
-    error: BaseException,
-    *,
-    expected: Sequence[ObservationStatus],
-    key: str,
-    config: Any,
-    provenance: dict[str, Any],
-    started: Any,
-    result: TaskResult,
-) -> None:
-    """Record a failed stage: failed run row and failed observation, one transaction."""
-    reason = f"{stage}: {type(error).__name__}: {error}"
-    extra: dict[str, Any] = {}
-    if not isinstance(error, AstridError):
-        extra = {"unexpected": True, "traceback": traceback.format_exception(error)[-12:]}
+@dataclass
+class _StageRun:
+    """One stage of one observation: what its run row records and how the stage ends.
 
-    def work(session: Session) -> bool:
-        if not transition(session, snapshot.id, expected, S.FAILED, failure_reason=reason):
-            raise _AlreadyDone
-        session.add(
-            _run_row(
-                ctx,
-                stage,
-                observation_id=snapshot.id,
-                key=key,
-                config=config,
-                provenance=provenance,
-                started=started,
+    A stage builds one when it starts, runs its science, then ends with :meth:`commit`
+    (its outputs, its succeeded run row and the observation's new status, in one
+    transaction) or :meth:`fail`.
+
+    Attributes
+    ----------
+    ctx : StageContext
+        Database, store, configuration.
+    snapshot : _Snapshot
+        The observation; its status follows each commit.
+    result : TaskResult
+        The task's status, events and timings.
+    stage : str
+        The stage.
+    expected : tuple of ObservationStatus
+        The statuses the observation must still be in for the stage to move it on.
+    config : Any
+        The stage's configuration, as recorded.
+    inputs : dict of str to Any or None
+        The stage's input artifacts: the provenance starts as ``{"inputs": inputs,
+        "warnings": notes}``; ``None``, it starts empty.
+    key : str
+        The run's idempotency key (default: from the stage and the observation's
+        SHA-256).
+    notes : list of str
+        Warnings collected while the stage runs (in the provenance when ``inputs`` is
+        given).
+    provenance : dict of str to Any
+        The run's provenance, filled in as the stage goes.
+    started : datetime
+        When the stage started.
+    """
+
+    ctx: StageContext
+    snapshot: _Snapshot
+    result: TaskResult
+    stage: str
+    expected: tuple[ObservationStatus, ...]
+    config: Any
+    inputs: dict[str, Any] | None = None
+    key: str = ""
+    notes: list[str] = field(init=False, default_factory=list)
+    provenance: dict[str, Any] = field(init=False, default_factory=dict)
+    started: Any = field(init=False, default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or idempotency_key(self.stage, self.snapshot.sha256)
+        if self.inputs is not None:
+            self.provenance.update(inputs=self.inputs, warnings=self.notes)
+
+    @overload
+    def commit(
+        self,
+        status: ObservationStatus,
+        *,
+        error: BaseException | None = ...,
+        error_provenance: dict[str, Any] | None = ...,
+        **values: Any,
+    ) -> bool: ...
+
+    @overload
+    def commit(
+        self,
+        status: ObservationStatus,
+        then: Callable[[Session, ProcessingRun], T],
+        *,
+        error: BaseException | None = ...,
+        error_provenance: dict[str, Any] | None = ...,
+        **values: Any,
+    ) -> T | None: ...
+
+    def commit(
+        self,
+        status: ObservationStatus,
+        then: Callable[[Session, ProcessingRun], Any] | None = None,
+        *,
+        error: BaseException | None = None,
+        error_provenance: dict[str, Any] | None = None,
+        **values: Any,
+    ) -> Any:
+        """Move the observation to ``status`` and record the run, in one transaction.
+
+        Parameters
+        ----------
+        status : ObservationStatus
+            The new status, set only if the observation is still in ``expected``.
+        then : callable, optional
+            ``then(session, run)`` writes the stage's outputs once the run row is
+            flushed (so it has an id), in the same transaction.
+        error : BaseException, optional
+            The error of a failed run.
+        error_provenance : dict of str to Any, optional
+            Added to a failed run's provenance.
+        **values
+            Other columns of the observation to set with its status.
+
+        Returns
+        -------
+        bool or object or None
+            Without ``then``, whether it was committed; with it, what ``then``
+            returned, or ``None`` when the observation had moved on and nothing was
+            recorded.
+        """
+
+        def work(session: Session) -> Any:
+            if not transition(session, self.snapshot.id, self.expected, status, **values):
+                raise _AlreadyDone
+            run = _run_row(
+                self.ctx,
+                self.stage,
+                observation_id=self.snapshot.id,
+                key=self.key,
+                config=self.config,
+                provenance=self.provenance,
+                started=self.started,
                 error=error,
-                error_provenance=extra,
+                error_provenance=error_provenance,
+            )
+            session.add(run)
+            if then is None:
+                return True
+            session.flush()
+            return then(session, run)
+
+        with self.result.timing(self.stage, "commit"):
+            done = _write(self.ctx, work)
+        if done is None:
+            return None if then is not None else False
+        self.snapshot.status = self.result.status = status
+        return done
+
+    def fail(self, error: BaseException) -> None:
+        """Record a failed stage: failed run row and failed observation, one transaction.
+
+        Errors that must stop the run (see :func:`_guard`) are re-raised instead.
+        """
+        _guard(error)
+        reason = f"{self.stage}: {type(error).__name__}: {error}"
+        extra: dict[str, Any] = {}
+        if not isinstance(error, AstridError):
+            extra = {"unexpected": True, "traceback": traceback.format_exception(error)[-12:]}
+        if self.commit(S.FAILED, error=error, error_provenance=extra, failure_reason=reason):
+            self.emit_failed(S.FAILED, type(error).__name__, str(error))
+
+    def emit_failed(self, status: ObservationStatus, error_type: str, reason: str) -> None:
+        """Add an :class:`~astrid.events.ObservationFailed` event for this stage."""
+        self.result.events.append(
+            ObservationFailed(
+                observation_id=self.snapshot.id,
+                stage=self.stage,
+                status=status.value,
+                error_type=error_type,
+                reason=reason,
             )
         )
-        return True
-
-    with result.timing(stage, "commit"):
-        if _write(ctx, work) is None:
-            return
-    result.status = S.FAILED
-    result.events.append(
-        ObservationFailed(
-            observation_id=snapshot.id,
-            stage=stage,
-            status=S.FAILED.value,
-            error_type=type(error).__name__,
-            reason=str(error),
-        )
-    )
 
 
 def _guard(error: BaseException) -> None:
@@ -416,30 +525,18 @@ def prepare_observation(ctx: StageContext, observation_id: int) -> TaskResult:
 
 
 def _calibrate(ctx: StageContext, snapshot: _Snapshot, result: TaskResult) -> Exposure | None:
-    started = utcnow()
-    key = idempotency_key(CALIBRATE, snapshot.sha256)
     config = ctx.config.calibration
-    notes: list[str] = []
-    provenance: dict[str, Any] = {"inputs": {"raw": snapshot.artifact_key}, "warnings": notes}
+    run = _StageRun(
+        ctx, snapshot, result, CALIBRATE, (S.REGISTERED,), config, {"raw": snapshot.artifact_key}
+    )
+    provenance = run.provenance
     try:
         with result.timing(CALIBRATE, "load"):
             raw = _read_artifact(ctx.store, snapshot.artifact_key)
-        with result.timing(CALIBRATE, "compute"), _warnings_into(notes):
+        with result.timing(CALIBRATE, "compute"), _warnings_into(run.notes):
             calibrated = calibrate_exposure(raw, config=config)
     except Exception as error:
-        _guard(error)
-        _fail(
-            ctx,
-            snapshot,
-            CALIBRATE,
-            error,
-            expected=(S.REGISTERED,),
-            key=key,
-            config=config,
-            provenance=provenance,
-            started=started,
-            result=result,
-        )
+        run.fail(error)
         return None
     with result.timing(CALIBRATE, "store"), tempfile.TemporaryDirectory(prefix="astrid-") as tmp:
         path = write_exposure(calibrated, Path(tmp) / "calibrated.fits")
@@ -448,35 +545,9 @@ def _calibrate(ctx: StageContext, snapshot: _Snapshot, result: TaskResult) -> Ex
         stored = read_exposure(path)
     provenance["outputs"] = {"calibrated": stored_key}
     provenance["steps"] = calibrated.provenance.get("calibrate", "")
-
-    def work(session: Session) -> bool:
-        if not transition(
-            session,
-            snapshot.id,
-            (S.REGISTERED,),
-            S.CALIBRATED,
-            calibrated_artifact_key=stored_key,
-        ):
-            raise _AlreadyDone
-        session.add(
-            _run_row(
-                ctx,
-                CALIBRATE,
-                observation_id=snapshot.id,
-                key=key,
-                config=config,
-                provenance=provenance,
-                started=started,
-            )
-        )
-        return True
-
-    with result.timing(CALIBRATE, "commit"):
-        if _write(ctx, work) is None:
-            return None
-    snapshot.status = S.CALIBRATED
+    if not run.commit(S.CALIBRATED, calibrated_artifact_key=stored_key):
+        return None
     snapshot.calibrated_artifact_key = stored_key
-    result.status = S.CALIBRATED
     return stored
 
 
@@ -497,38 +568,21 @@ def _read_calibrated(ctx: StageContext, snapshot: _Snapshot) -> Exposure:
 def _characterize(
     ctx: StageContext, snapshot: _Snapshot, exposure: Exposure | None, result: TaskResult
 ) -> None:
-    started = utcnow()
-    key = idempotency_key(CHARACTERIZE, snapshot.sha256)
     config = ctx.config.characterize
-    notes: list[str] = []
-    provenance: dict[str, Any] = {
-        "inputs": {"calibrated": snapshot.calibrated_artifact_key},
-        "warnings": notes,
-    }
+    inputs = {"calibrated": snapshot.calibrated_artifact_key}
+    run = _StageRun(ctx, snapshot, result, CHARACTERIZE, (S.CALIBRATED,), config, inputs)
     try:
         if exposure is None:
             with result.timing(CHARACTERIZE, "load"):
                 exposure = _read_calibrated(ctx, snapshot)
-        with result.timing(CHARACTERIZE, "compute"), _warnings_into(notes):
+        with result.timing(CHARACTERIZE, "compute"), _warnings_into(run.notes):
             measured = characterize(exposure, config=config)
     except Exception as error:
-        _guard(error)
-        _fail(
-            ctx,
-            snapshot,
-            CHARACTERIZE,
-            error,
-            expected=(S.CALIBRATED,),
-            key=key,
-            config=config,
-            provenance=provenance,
-            started=started,
-            result=result,
-        )
+        run.fail(error)
         return
     report = measured.quality
     quality = {**report.as_dict(), "n_sources": len(measured.sources)}
-    provenance["passed"] = report.passed
+    run.provenance["passed"] = report.passed
     passed = report.passed
     new_status = S.CHARACTERIZED if passed else S.REJECTED
     reason = None if passed else "characterize: quality gate: " + "; ".join(report.reasons)
@@ -540,38 +594,8 @@ def _characterize(
         else jsonable(report.limiting_mag),
         "failure_reason": reason,
     }
-
-    def work(session: Session) -> bool:
-        if not transition(session, snapshot.id, (S.CALIBRATED,), new_status, **values):
-            raise _AlreadyDone
-        session.add(
-            _run_row(
-                ctx,
-                CHARACTERIZE,
-                observation_id=snapshot.id,
-                key=key,
-                config=config,
-                provenance=provenance,
-                started=started,
-            )
-        )
-        return True
-
-    with result.timing(CHARACTERIZE, "commit"):
-        if _write(ctx, work) is None:
-            return
-    snapshot.status = new_status
-    result.status = new_status
-    if not passed:
-        result.events.append(
-            ObservationFailed(
-                observation_id=snapshot.id,
-                stage=CHARACTERIZE,
-                status=S.REJECTED.value,
-                error_type="QualityGateRejected",
-                reason="; ".join(report.reasons),
-            )
-        )
+    if run.commit(new_status, **values) and not passed:
+        run.emit_failed(S.REJECTED, "QualityGateRejected", "; ".join(report.reasons))
 
 
 # --------------------------------------------------------------------------- reference
@@ -812,14 +836,10 @@ def difference_observation(ctx: StageContext, observation_id: int) -> TaskResult
 def _subtract(
     ctx: StageContext, snapshot: _Snapshot, result: TaskResult
 ) -> tuple[dict[int, NDArray[np.float32]], bool] | None:
-    started = utcnow()
     config = ctx.config.difference
-    notes: list[str] = []
-    provenance: dict[str, Any] = {
-        "inputs": {"calibrated": snapshot.calibrated_artifact_key},
-        "warnings": notes,
-    }
-    key = idempotency_key(SUBTRACT, snapshot.sha256)
+    inputs = {"calibrated": snapshot.calibrated_artifact_key}
+    run = _StageRun(ctx, snapshot, result, SUBTRACT, (S.CHARACTERIZED,), config, inputs)
+    provenance = run.provenance
     with ctx.sessions() as session:
         reference = (
             _active_reference(session, snapshot.field_id, snapshot.band)
@@ -833,47 +853,15 @@ def _subtract(
             reason = "the image's band is unknown"
         else:
             reason = f"no epoch of field {snapshot.field_id} band {snapshot.band} passed the gate"
-        _fail(
-            ctx,
-            snapshot,
-            SUBTRACT,
-            NoReference(reason),
-            expected=(S.CHARACTERIZED,),
-            key=key,
-            config=config,
-            provenance=provenance,
-            started=started,
-            result=result,
-        )
+        run.fail(NoReference(reason))
         return None
     assert snapshot.calibrated_artifact_key is not None
-    provenance["inputs"]["reference"] = reference.artifact_key
-    key = idempotency_key(SUBTRACT, snapshot.sha256, reference.sha256, config.subtract.method)
+    inputs["reference"] = reference.artifact_key
+    run.key = idempotency_key(SUBTRACT, snapshot.sha256, reference.sha256, config.subtract.method)
     own_sha, _ = parse_artifact_key(snapshot.calibrated_artifact_key)
     if own_sha == reference.sha256:
         provenance["role"] = "reference"
-
-        def reference_work(session: Session) -> bool:
-            if not transition(session, snapshot.id, (S.CHARACTERIZED,), S.SUBTRACTED):
-                raise _AlreadyDone
-            session.add(
-                _run_row(
-                    ctx,
-                    SUBTRACT,
-                    observation_id=snapshot.id,
-                    key=key,
-                    config=config,
-                    provenance=provenance,
-                    started=started,
-                )
-            )
-            return True
-
-        with result.timing(SUBTRACT, "commit"):
-            if _write(ctx, reference_work) is None:
-                return None
-        snapshot.status = result.status = S.SUBTRACTED
-        return {}, True
+        return ({}, True) if run.commit(S.SUBTRACTED) else None
 
     try:
         with result.timing(SUBTRACT, "load"):
@@ -884,58 +872,31 @@ def _subtract(
             if ctx.fft_threads is None
             else ctx.config.with_fft_threads(ctx.fft_threads).difference
         )
-        with result.timing(SUBTRACT, "compute"), _warnings_into(notes):
+        with result.timing(SUBTRACT, "compute"), _warnings_into(run.notes):
             difference = difference_pair(science, reference_exposure, config=run_config)
     except Exception as error:
-        _guard(error)
-        _fail(
-            ctx,
-            snapshot,
-            SUBTRACT,
-            error,
-            expected=(S.CHARACTERIZED,),
-            key=key,
-            config=config,
-            provenance=provenance,
-            started=started,
-            result=result,
-        )
+        run.fail(error)
         return None
     with result.timing(SUBTRACT, "store"):
         record = _store_difference(ctx.store, difference)
     provenance["outputs"] = {"difference": record.difference_key, "score": record.score_key}
     reference_id = int(reference.id)
 
-    def work(session: Session) -> list[Candidate]:
-        if not transition(session, snapshot.id, (S.CHARACTERIZED,), S.SUBTRACTED):
-            raise _AlreadyDone
-        run = _run_row(
-            ctx,
-            SUBTRACT,
-            observation_id=snapshot.id,
-            key=key,
-            config=config,
-            provenance=provenance,
-            started=started,
-        )
-        session.add(run)
-        session.flush()
+    def insert(session: Session, run_row: ProcessingRun) -> list[Candidate]:
         _, candidates = insert_difference(
             session,
             science_observation_id=snapshot.id,
             reference_id=reference_id,
-            processing_run_id=run.id,
+            processing_run_id=run_row.id,
             mjd=snapshot.mjd,
             band=snapshot.band,
             record=record,
         )
         return candidates
 
-    with result.timing(SUBTRACT, "commit"):
-        candidates = _write(ctx, work)
+    candidates = run.commit(S.SUBTRACTED, insert)
     if candidates is None:
         return None
-    snapshot.status = result.status = S.SUBTRACTED
     result.n_candidates = len(candidates)
     triplets: dict[int, NDArray[np.float32]] = {}
     cutouts = difference.cutouts
@@ -1036,11 +997,11 @@ def _score(
     is_reference: bool,
     result: TaskResult,
 ) -> None:
-    started = utcnow()
     scorer = ctx.scorer
-    key = _score_key(ctx, snapshot)
     config = {"model": None if scorer is None else [scorer.model_name, scorer.model_version]}
-    provenance: dict[str, Any] = {}
+    expected = (S.SUBTRACTED, S.PROCESSED)
+    run = _StageRun(ctx, snapshot, result, SCORE, expected, config, key=_score_key(ctx, snapshot))
+    provenance = run.provenance
     with ctx.sessions() as session:
         ids = [
             int(i)
@@ -1083,35 +1044,10 @@ def _score(
                     np.asarray(scorer.score(stack), np.float64) if ids else np.zeros(0, np.float64)
                 )
         except Exception as error:
-            _guard(error)
-            _fail(
-                ctx,
-                snapshot,
-                SCORE,
-                error,
-                expected=(S.SUBTRACTED, S.PROCESSED),
-                key=key,
-                config=config,
-                provenance=provenance,
-                started=started,
-                result=result,
-            )
+            run.fail(error)
             return
 
-    def work(session: Session) -> bool:
-        if not transition(session, snapshot.id, (S.SUBTRACTED, S.PROCESSED), S.PROCESSED):
-            raise _AlreadyDone
-        run = _run_row(
-            ctx,
-            SCORE,
-            observation_id=snapshot.id,
-            key=key,
-            config=config,
-            provenance=provenance,
-            started=started,
-        )
-        session.add(run)
-        session.flush()
+    def insert(session: Session, run_row: ProcessingRun) -> bool:
         if scorer is not None and scores is not None and ids:
             insert_scores(
                 session,
@@ -1119,17 +1055,15 @@ def _score(
                 scores,
                 model_name=scorer.model_name,
                 model_version=scorer.model_version,
-                processing_run_id=run.id,
+                processing_run_id=run_row.id,
             )
         return True
 
-    with result.timing(SCORE, "commit"):
-        try:
-            if _write(ctx, work) is None:
-                return
-        except IntegrityError:
-            return  # scored by this model concurrently
-    snapshot.status = result.status = S.PROCESSED
+    try:
+        if run.commit(S.PROCESSED, insert) is None:
+            return
+    except IntegrityError:
+        return  # scored by this model concurrently
     result.events.append(
         ObservationProcessed(
             observation_id=snapshot.id, n_candidates=len(ids), is_reference=bool(is_reference)

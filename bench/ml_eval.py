@@ -214,17 +214,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fakes = data.fakes
     if len(fakes.get("snr", ())):
         edges = np.asarray(curve.bin_edges)
+        masked = np.asarray(fakes.get("masked", np.zeros(len(fakes["snr"]), bool)), bool)
+        detected = np.asarray(fakes["detected"], bool)
         inj = np.histogram(fakes["snr"], edges)[0]
-        det = np.histogram(fakes["snr"][fakes["detected"]], edges)[0]
+        det = np.histogram(fakes["snr"][detected], edges)[0]
+        usable = np.histogram(fakes["snr"][~masked], edges)[0]
+        det_usable = np.histogram(fakes["snr"][detected & ~masked], edges)[0]
         results["detection"] = {
             "edges": edges.tolist(),
             "injected": inj.tolist(),
             "detected": det.tolist(),
+            "injected_unmasked": usable.tolist(),
+            "detected_unmasked": det_usable.tolist(),
         }
-        print("detection of injected fakes (before scoring):")
-        for lo, hi, a, b in zip(edges[:-1], edges[1:], inj, det, strict=True):
+        print(
+            "detection of injected fakes (before scoring); 'unmasked': fakes whose pixel "
+            "is outside the subtraction's mask"
+        )
+        for lo, hi, a, b, c, d in zip(
+            edges[:-1], edges[1:], inj, det, usable, det_usable, strict=True
+        ):
             print(
                 f"  S/N {lo:>5.0f}-{hi:<5.0f} injected {a:<5} detected {b:<5} {b / max(a, 1):.3f}"
+                f"  unmasked {c:<5} detected {d:<5} {d / max(c, 1):.3f}"
             )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -340,6 +340,8 @@ def ideal_difference_snr(
     reference_psf: PsfModel,
     reference_variance: NDArray[np.floating],
     flux_ratio: float,
+    reference_x: NDArray[np.floating] | float | None = None,
+    reference_y: NDArray[np.floating] | float | None = None,
 ) -> NDArray[np.float64]:
     """Ideal PSF-fit S/N of new point sources in the difference of two images.
 
@@ -361,6 +363,10 @@ def ideal_difference_snr(
         Per-pixel variance of the reference on the grid (reference units squared).
     flux_ratio : float
         Science counts per reference count, ``r``.
+    reference_x, reference_y : float or ndarray, shape (n,), optional
+        Positions of the sources on ``reference_variance``'s grid, when the reference
+        has not been resampled onto the science's (default: ``x``, ``y``). The
+        reference PSF is evaluated there too.
 
     Returns
     -------
@@ -368,6 +374,16 @@ def ideal_difference_snr(
         The S/N (NaN where a variance is unusable over the footprint).
     """
     xa, ya, fa = (np.atleast_1d(np.asarray(v, np.float64)) for v in np.broadcast_arrays(x, y, flux))
+    rxa = (
+        xa
+        if reference_x is None
+        else np.broadcast_to(np.asarray(reference_x, np.float64), xa.shape)
+    )
+    rya = (
+        ya
+        if reference_y is None
+        else np.broadcast_to(np.asarray(reference_y, np.float64), ya.shape)
+    )
     size = max(64, 4 * max(science_psf.size, reference_psf.size))
     out = np.full(xa.shape, np.nan)
     constant = science_psf.is_constant and reference_psf.is_constant
@@ -375,10 +391,11 @@ def ideal_difference_snr(
     tiny = np.finfo(np.float64).tiny
     for i, (xi, yi, fi) in enumerate(zip(xa, ya, fa, strict=True)):
         ix, iy = round(float(xi)), round(float(yi))
+        rx, ry = float(rxa[i]), float(rya[i])
         pn = np.asarray(science_psf.at(xi, yi), np.float64)
-        pr = np.asarray(reference_psf.at(xi, yi), np.float64)
+        pr = np.asarray(reference_psf.at(rx, ry), np.float64)
         var_n = _effective_variance(science_variance, pn / pn.sum(), ix, iy)
-        var_r = _effective_variance(reference_variance, pr / pr.sum(), ix, iy)
+        var_r = _effective_variance(reference_variance, pr / pr.sum(), round(rx), round(ry))
         if not (np.isfinite(var_n) and np.isfinite(var_r)):
             continue
         if spectra is None or not constant:  # constant PSFs share one pair of spectra

@@ -96,7 +96,7 @@ __all__ = [
     "simulated_pair_specs",
 ]
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 """Version of the recipes; part of every cache key, so changing it rebuilds every pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
@@ -554,7 +554,7 @@ class PairOutcome:
     arrays : dict of str to ndarray
         Per-example columns (``triplets``, ``labels``, ``kind``, ``snr``, ``polarity``,
         ``fwhm``, ``pixel_scale``) and per-fake ones (``fake_snr``, ``fake_polarity``,
-        ``fake_detected``); empty when skipped.
+        ``fake_detected``, ``fake_masked``); empty when skipped.
     n_candidates : int
         Candidates the pipeline found.
     n_ambiguous : int
@@ -726,6 +726,9 @@ def _draw_fakes(
     )
     lo, hi = cfg.snr_range
     target = np.exp(rng.uniform(math.log(lo), math.log(hi), len(x)))
+    # The reference variance is read where each fake falls on that image's own grid:
+    # a resampled pair's reference is offset and rotated from the science.
+    gx, gy = _to_grid(science, reference_on_grid, x, y)
     per_flux = ideal_difference_snr(
         1.0,
         x,
@@ -735,6 +738,8 @@ def _draw_fakes(
         reference_psf=reference_psf,
         reference_variance=reference_on_grid.variance,
         flux_ratio=flux_ratio,
+        reference_x=gx,
+        reference_y=gy,
     )
     good = np.isfinite(per_flux) & (per_flux > 0)
     x, y, target, per_flux = x[good], y[good], target[good], per_flux[good]
@@ -815,8 +820,26 @@ def _examples(
         "fake_snr": fakes.snr.astype(np.float64),
         "fake_polarity": fakes.polarity.astype(np.int8),
         "fake_detected": labelled.detected,
+        "fake_masked": _on_mask(result.subtraction.mask, fakes.x, fakes.y),
     }
     return arrays, len(cands), int(np.sum(labelled.labels == AMBIGUOUS))
+
+
+def _on_mask(
+    mask: NDArray[np.bool_], x: NDArray[np.float64], y: NDArray[np.float64]
+) -> NDArray[np.bool_]:
+    """Whether each position's pixel is masked in the subtraction (or off the image).
+
+    The subtraction's mask (saturated stars, bleed trails, bad columns, the reference's
+    footprint, a border of half a PSF stamp, all grown) is where detection does not
+    look: a fake centred there is found only when it shows at the mask's edge.
+    """
+    ix, iy = np.round(x).astype(np.intp), np.round(y).astype(np.intp)
+    ny, nx = mask.shape
+    inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    out = np.ones(len(ix), dtype=bool)
+    out[inside] = mask[iy[inside], ix[inside]]
+    return out
 
 
 def _simulate_pair(spec: SimulatedPairSpec) -> tuple[SimulatedExposure, SimulatedExposure]:
@@ -1182,6 +1205,7 @@ def _assemble(outcomes: Sequence[PairOutcome], config: TrainingSetConfig) -> Tra
         "snr": np.concatenate([o.arrays["fake_snr"] for o in used]),
         "polarity": np.concatenate([o.arrays["fake_polarity"] for o in used]),
         "detected": np.concatenate([o.arrays["fake_detected"] for o in used]),
+        "masked": np.concatenate([o.arrays["fake_masked"] for o in used]),
     }
 
     def cat(name: str) -> NDArray[Any]:
@@ -1227,6 +1251,7 @@ def _manifest(
         "n_ambiguous_dropped": int(sum(o.n_ambiguous for o in outcomes)),
         "n_fakes_injected": len(fakes.get("snr", ())),
         "n_fakes_detected": int(np.sum(fakes.get("detected", np.zeros(0, bool)))),
+        "n_fakes_masked": int(np.sum(fakes.get("masked", np.zeros(0, bool)))),
         "pair_seconds": round(float(sum(o.seconds for o in outcomes)), 1),
         "build_seconds": round(seconds, 1),
         **training_set.counts(),

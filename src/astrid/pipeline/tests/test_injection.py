@@ -285,3 +285,28 @@ def test_decam_pair_noise_and_completeness(shared_data: Path) -> None:
     assert len(inj.fakes) >= 60
     assert 6.5 < inj.snr50 < 10.0
     assert abs(inj.flux_bias) < 0.05
+
+
+def test_ideal_snr_reads_the_reference_variance_on_the_reference_grid() -> None:
+    """A reference not yet resampled: its variance is read where the source falls on it."""
+    psf = PsfModel.gaussian(2.5, size=25)
+    var_n = np.full((200, 200), 4.0, np.float32)
+    var_r = np.full((200, 200), 1.0, np.float32)
+    var_r[:, 100:] = 25.0  # a noisy half of the reference
+    common = {
+        "science_psf": psf,
+        "science_variance": var_n,
+        "reference_psf": psf,
+        "reference_variance": var_r,
+        "flux_ratio": 1.0,
+    }
+    # The source at x = 90 on the science falls at x = 130 on the reference: noisy half.
+    on_grid = ideal_difference_snr(100.0, 90.0, 100.0, **common)
+    shifted = ideal_difference_snr(
+        100.0, 90.0, 100.0, reference_x=130.0, reference_y=100.0, **common
+    )
+    noisy = ideal_difference_snr(
+        100.0, 90.0, 100.0, **{**common, "reference_variance": np.full_like(var_r, 25.0)}
+    )
+    assert shifted[0] == pytest.approx(noisy[0])
+    assert shifted[0] < 0.6 * on_grid[0]

@@ -87,6 +87,15 @@ def test_both_classes_with_the_right_labels(built: tuple[TrainingSet, dict, Path
         "misaligned+galaxy",
         "misaligned+star",
     }
+    # Every fake is counted, with whether it sits on the subtraction's mask (where
+    # detection does not look): few of those are detected, most of the others are.
+    fakes = training_set.fakes
+    masked, detected = fakes["masked"], fakes["detected"]
+    assert len(masked) == len(detected) == manifest["n_fakes_injected"]
+    assert manifest["n_fakes_masked"] == int(masked.sum())
+    assert 0 < masked.sum() < len(masked)
+    assert detected[masked].mean() < 0.5 < detected[~masked].mean()
+    assert detected[~masked & (fakes["snr"] >= 10)].mean() > 0.9
     # Fakes went into both images: positive and negative real candidates.
     assert set(training_set.polarity[real].tolist()) == {-1, 1}
     assert training_set.triplets.shape[1:] == (3, 63, 63)

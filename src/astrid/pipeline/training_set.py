@@ -216,6 +216,10 @@ class TrainingSetConfig:
     difference : DifferenceConfig
         Pipeline options for the simulated pairs (the production default; tiny test
         images need :func:`few_star_difference_config`).
+    trail_fractions : tuple of float
+        Shares of the science and of the reference epochs crossed by a satellite trail
+        (bogus streaks; one in the reference leaves a negative streak). Drawn from their
+        own stream, so they change nothing else about a pair.
     """
 
     name: str = "real-bogus"
@@ -231,6 +235,7 @@ class TrainingSetConfig:
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     fixed_splits: tuple[tuple[str, str], ...] = (("sfft-decam", "test"),)
     difference: DifferenceConfig = field(default_factory=DifferenceConfig)
+    trail_fractions: tuple[float, float] = (0.2, 0.05)
 
 
 @dataclass(frozen=True)
@@ -377,16 +382,18 @@ def _profile_field(
     profile: Profile, rng: np.random.Generator, config: TrainingSetConfig
 ) -> tuple[FieldConfig, tuple[float, float], tuple[float, float]]:
     """Field config and the science and reference seeing ranges (arcsec) of a profile."""
+    # Seeing reaches down to about 1.2 pixels: real alerts of well-sampled-looking
+    # surveys include nights where a point source is barely wider than a cosmic ray.
     if profile == "ztf":
-        scale, science, reference = 1.0, (1.5, 3.2), (1.3, 2.5)
+        scale, science, reference = 1.0, (1.2, 3.2), (1.2, 2.5)
     elif profile == "decam":
         scale, science, reference = 0.263, (0.8, 1.5), (0.7, 1.2)
     elif profile == "rubin":
         scale, science, reference = 0.2, (0.6, 1.1), (0.55, 0.9)
     else:
         scale = float(rng.uniform(0.4, 0.8))
-        science = (1.5 * scale, 6.0 * scale)
-        reference = (1.4 * scale, 4.5 * scale)
+        science = (1.2 * scale, 6.0 * scale)
+        reference = (1.2 * scale, 4.5 * scale)
     moffat = rng.random() < 0.8
     field_config = FieldConfig(
         shape=config.shape,
@@ -461,6 +468,10 @@ def simulated_pair_specs(config: TrainingSetConfig) -> list[SimulatedPairSpec]:
                 mjd=mjd + 5.0,
                 airmass=float(rng.uniform(1.0, 1.8)),
             )
+            trails = np.random.default_rng([config.seed, field_index, pair, 1])
+            science_trail, reference_trail = trails.random(2) < config.trail_fractions
+            science = replace(science, satellite_trails=int(science_trail))
+            reference = replace(reference, satellite_trails=int(reference_trail))
             psf_scale = 1.0
             if recipe == "psf-mismatch":
                 stretch = float(rng.uniform(1.08, 1.25))

@@ -269,6 +269,12 @@ class EpochConditions:
         Start of the exposure, MJD (UTC).
     airmass : float
         Airmass (sets the extinction).
+    satellite_trails : int
+        Satellite or aircraft trails crossing this exposure: straight lines over the
+        whole frame with the PSF's width, a peak 0.5-10 times the sky noise, half of
+        them glinting (bright dots every 3-12 px along the line). Their angles,
+        positions and brightness are drawn from the exposure's seed, independently of
+        every other draw, so adding trails changes nothing else in the image.
     """
 
     fwhm: float = 1.2
@@ -280,8 +286,11 @@ class EpochConditions:
     rotation: float = 0.0
     mjd: float = 60000.0
     airmass: float = 1.0
+    satellite_trails: int = 0
 
     def __post_init__(self) -> None:
+        if self.satellite_trails < 0:
+            raise ValueError(f"satellite_trails must not be negative, got {self.satellite_trails}")
         if not self.fwhm > 0:
             raise ValueError(f"fwhm must be positive, got {self.fwhm}")
         if not self.exposure_time > 0:
@@ -1352,6 +1361,40 @@ def _spill(c: NDArray[np.float64], start: int, step: int, amount: float, fw: flo
 # one epoch
 
 
+def _render_trails(
+    image: NDArray[np.float32],
+    n: int,
+    fwhm: float,
+    sky_sigma: float,
+    rng: np.random.Generator,
+) -> None:
+    """Add ``n`` straight trails across ``image`` (in place), in its data units.
+
+    Each crosses the whole frame through a random point at a random angle, with a
+    Gaussian cross-section of the seeing's FWHM (pixels) and a peak of 0.5-10 times the
+    sky noise ``sky_sigma`` (log-uniform). Half glint: their brightness along the line
+    is a train of Gaussian dots, every 3-12 px.
+    """
+    ny, nx = image.shape
+    sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    for _ in range(n):
+        x0, y0 = rng.uniform(0, nx), rng.uniform(0, ny)
+        angle = rng.uniform(0.0, math.pi)
+        peak = sky_sigma * math.exp(rng.uniform(math.log(0.5), math.log(10.0)))
+        glint = rng.random() < 0.5
+        period = rng.uniform(3.0, 12.0)
+        c, s = math.cos(angle), math.sin(angle)
+        across = (xx - x0) * s - (yy - y0) * c
+        near = np.abs(across) < 5.0 * sigma + 1.0
+        profile = np.exp(-0.5 * (across[near] / sigma) ** 2)
+        if glint:
+            along = (xx[near] - x0) * c + (yy[near] - y0) * s
+            phase = np.mod(along, period) - 0.5 * period
+            profile *= np.exp(-0.5 * (phase / max(sigma, 0.5)) ** 2)
+        image[near] += np.float32(peak) * profile.astype(np.float32)
+
+
 def simulate_exposure(
     field: SimulatedField,
     conditions: EpochConditions,
@@ -1453,6 +1496,15 @@ def simulate_exposure(
         np.asarray(gal["theta"], np.float64) + conditions.rotation,
         0.1 * sky_sigma,
     )
+
+    if conditions.satellite_trails:
+        _render_trails(
+            sources,
+            conditions.satellite_trails,
+            conditions.fwhm / config.pixel_scale,
+            sky_sigma,
+            _rng(seed, _KEY_EXPOSURE, 1),
+        )
 
     model = sources
     model += background

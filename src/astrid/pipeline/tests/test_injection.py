@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -293,7 +294,7 @@ def test_ideal_snr_reads_the_reference_variance_on_the_reference_grid() -> None:
     var_n = np.full((200, 200), 4.0, np.float32)
     var_r = np.full((200, 200), 1.0, np.float32)
     var_r[:, 100:] = 25.0  # a noisy half of the reference
-    common = {
+    common: dict[str, Any] = {
         "science_psf": psf,
         "science_variance": var_n,
         "reference_psf": psf,

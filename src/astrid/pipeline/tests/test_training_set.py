@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,20 @@ def test_drawn_specs_span_detectors_and_recipes() -> None:
     assert {s.recipe for s in specs} == {"resampled", "misaligned", "psf-mismatch"}
     assert len({s.key() for s in specs}) == len(specs)
     assert simulated_pair_specs(TrainingSetConfig(n_fields=2))[0] == specs[0]
+
+
+def test_satellite_trails_cross_a_share_of_epochs_and_change_nothing_else() -> None:
+    config = TrainingSetConfig(n_fields=60, pairs_per_field=3)
+    specs = simulated_pair_specs(config)
+    plain = simulated_pair_specs(replace(config, trail_fractions=(0.0, 0.0)))
+    science = np.mean([s.science.satellite_trails for s in specs])
+    reference = np.mean([s.reference.satellite_trails for s in specs])
+    assert 0.12 < science < 0.28 and 0.0 < reference < 0.12
+    assert not any(s.science.satellite_trails or s.reference.satellite_trails for s in plain)
+    for a, b in zip(specs, plain, strict=True):
+        untrailed = replace(
+            a,
+            science=replace(a.science, satellite_trails=0),
+            reference=replace(a.reference, satellite_trails=0),
+        )
+        assert untrailed == b

@@ -138,6 +138,28 @@ def test_cosmic_rays_are_in_the_truth_but_not_in_the_mask() -> None:
     assert float(np.median(excess[hit])) > 10.0
 
 
+def test_satellite_trail_is_a_psf_wide_line_and_changes_nothing_else() -> None:
+    field = simulate_field(CLEAN, seed=5)
+    plain = simulate_exposure(field, EpochConditions(fwhm=2.0), seed=6)
+    trailed = simulate_exposure(field, EpochConditions(fwhm=2.0, satellite_trails=1), seed=6)
+    # The same seed: the noise is the same, so only the trail's pixels differ.
+    model = _noise_free(trailed, CLEAN) - _noise_free(plain, CLEAN)
+    lit = model != 0
+    assert 0 < lit.sum() < 0.5 * lit.size
+    np.testing.assert_array_equal(trailed.exposure.data[~lit], plain.exposure.data[~lit])
+    # The lit pixels lie along one straight line, about as wide as the PSF.
+    yy, xx = np.nonzero(model > 0.5 * model.max())
+    coords = np.stack([xx, yy]).astype(float)
+    coords -= coords.mean(axis=1, keepdims=True)
+    minor, major = np.sqrt(np.linalg.eigvalsh(np.cov(coords)))
+    assert major > 20.0 and minor < 2.0
+    # Its peak is 0.5-10 times the sky noise.
+    sky_sigma = float(np.sqrt(np.median(plain.exposure.variance)))
+    assert 0.4 * sky_sigma < model.max() < 11.0 * sky_sigma
+    with pytest.raises(ValueError, match="satellite_trails"):
+        EpochConditions(satellite_trails=-1)
+
+
 def test_each_epoch_wcs_follows_its_pointing_offset() -> None:
     config = dataclasses.replace(CLEAN, shape=(100, 140), n_stars=40)
     field = simulate_field(config, seed=9)

@@ -106,6 +106,13 @@ def train(
     block_channels: str = typer.Option(
         "16,32,64,64", "--block-channels", help="CNN block channels, comma-separated."
     ),
+    centre_window: int = typer.Option(
+        2,
+        "--centre-window",
+        min=0,
+        help="Side of the central window of the CNN's last feature map pooled for the "
+        "head beside the whole map (0: whole map only).",
+    ),
     unet: bool = typer.Option(True, "--unet/--no-unet", help="Also train the U-Net to compare."),
     name: str = _NAME_OPTION,
     plots: Path | None = typer.Option(
@@ -171,7 +178,12 @@ def train(
     blocks = tuple(int(c) for c in block_channels.split(",") if c.strip())
     cfg = replace(
         base,
-        cnn=replace(base.cnn, stem_channels=stem_channels, block_channels=blocks),
+        cnn=replace(
+            base.cnn,
+            stem_channels=stem_channels,
+            block_channels=blocks,
+            centre_window=centre_window,
+        ),
         cnn_training=replace(base.cnn_training, max_epochs=epochs, seed=seed),
         unet_training=replace(base.unet_training, seed=seed),
         unet=base.unet if unet else None,

@@ -260,7 +260,9 @@ class TrainingSet:
         Science pixel scale, arcsec per pixel.
     fakes : dict of str to ndarray
         Every fake injected, detected or not, for the completeness of the whole chain:
-        ``group``, ``split``, ``snr``, ``polarity``, ``detected`` (one value per fake).
+        ``group``, ``split``, ``snr``, ``polarity``, ``detected`` and ``masked`` (its
+        pixel is in the subtraction's mask, where detection does not look), one value
+        per fake. Sets built before ``masked`` existed lack it.
     """
 
     triplets: NDArray[np.float32]
@@ -336,21 +338,34 @@ class TrainingSet:
         """
         return dataset_hash(self.triplets, self.labels, self.split, groups=self.groups)
 
-    def to_triplet_dataset(self, *, clip: float | None = None) -> TripletDataset:
+    def to_triplet_dataset(
+        self, *, clip: float | None = None, indices: ArrayLike | None = None
+    ) -> TripletDataset:
         """Normalised triplets for training (:func:`astrid.ml.alerts.normalise_triplet`).
 
         Groups and S/N are carried over; the model sees exactly what
         :class:`astrid.ml.serve.Scorer` gives it in production.
+
+        Parameters
+        ----------
+        clip : float or None
+            Passed to the normalisation.
+        indices : array_like of int or None
+            Only these examples, in this order; None takes all. The raw stamps are
+            normalised chunk by chunk, so no raw copy of the subset is made.
         """
-        normalised = np.empty_like(self.triplets)
-        for start in range(0, len(self), 2048):
-            stop = start + 2048
-            normalised[start:stop] = normalise_triplet(self.triplets[start:stop], clip=clip)
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
+        normalised = np.empty((len(idx), *self.triplets.shape[1:]), dtype=np.float32)
+        for start in range(0, len(idx), 2048):
+            chunk = idx[start : start + 2048]
+            normalised[start : start + len(chunk)] = normalise_triplet(
+                self.triplets[chunk], clip=clip
+            )
         return TripletDataset(
             triplets=normalised,
-            labels=self.labels.astype(np.float32),
-            groups=self.groups,
-            snr=self.snr,
+            labels=self.labels[idx].astype(np.float32),
+            groups=self.groups[idx],
+            snr=self.snr[idx],
         )
 
     def counts(self) -> dict[str, Any]:

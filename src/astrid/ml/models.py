@@ -65,6 +65,14 @@ class TripletCnnConfig:
         Units of the dense layer of the head.
     dropout : float
         Dropout before the output layer, during training only.
+    centre_window : int
+        Side, in cells of the last feature map, of a central window whose average and
+        maximum are passed to the head beside the whole map's; 0 pools the whole map
+        only. The candidate sits at the stamp's centre, while other sources, residuals
+        and cosmic rays can sit anywhere in it; the window gives the head the features
+        of the candidate itself. With a 63 x 63 stamp the last map is 4 x 4 cells of
+        16 px and a 2 x 2 window covers the central 32 x 32 px. Bundles written before
+        this option existed hold no value and are read as 0.
     """
 
     in_channels: int = 3
@@ -73,10 +81,13 @@ class TripletCnnConfig:
     block_channels: tuple[int, ...] = (16, 32, 64, 64)
     hidden: int = 32
     dropout: float = 0.2
+    centre_window: int = 2
 
     def __post_init__(self) -> None:
         if not self.block_channels:
             raise ValueError("block_channels must name at least one block")
+        if self.centre_window < 0:
+            raise ValueError(f"centre_window must be >= 0, not {self.centre_window}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
 
@@ -125,8 +136,9 @@ class TripletCnn(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         # Average pooling sees the whole stamp; max pooling keeps a compact feature (a
         # point source, a cosmic ray) from being diluted by the empty rest of the stamp.
+        pools = 4 if c.centre_window else 2
         self.head = nn.Sequential(
-            nn.Linear(2 * n_in, c.hidden),
+            nn.Linear(pools * n_in, c.hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(c.dropout),
             nn.Linear(c.hidden, 1),
@@ -134,8 +146,19 @@ class TripletCnn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.blocks(self.stem(x))
-        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled).squeeze(1)
+        parts = [features.mean(dim=(2, 3)), features.amax(dim=(2, 3))]
+        window = self.config.centre_window
+        if window:
+            ny, nx = features.shape[2:]
+            if window > min(ny, nx):
+                raise ValueError(
+                    f"centre_window {window} exceeds the {ny} x {nx} last feature map of "
+                    f"a {tuple(x.shape[2:])} input"
+                )
+            y0, x0 = (ny - window) // 2, (nx - window) // 2
+            centre = features[:, :, y0 : y0 + window, x0 : x0 + window]
+            parts += [centre.mean(dim=(2, 3)), centre.amax(dim=(2, 3))]
+        return self.head(torch.cat(parts, dim=1)).squeeze(1)
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,8 @@ class ModelMetadata:
     def cnn_config(self) -> TripletCnnConfig:
         """The :class:`~astrid.ml.models.TripletCnnConfig` recorded in ``model_config``."""
         config = dict(self.model_config)
+        # Bundles written before the centre window existed pooled the whole map only.
+        config.setdefault("centre_window", 0)
         if "block_channels" in config:
             config["block_channels"] = tuple(config["block_channels"])
         return TripletCnnConfig(**config)

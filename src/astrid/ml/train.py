@@ -465,6 +465,13 @@ class TrainConfig:
         edge) becomes once padded to the model's size. 0 never crops.
     crop_sizes : tuple of int
         Range of the side of the kept square, pixels (inclusive).
+    plateau_factor : float
+        Factor the learning rate is multiplied by when the validation loss has not
+        improved for ``plateau_patience`` epochs (``torch.optim.lr_scheduler.
+        ReduceLROnPlateau``); 1 keeps it constant. Set ``patience`` above
+        ``plateau_patience`` so that a smaller step is tried before training stops.
+    plateau_patience : int
+        Epochs without improvement before the learning rate is reduced.
     seed : int
         Seed of initialisation, shuffling, augmentation and dropout.
     """
@@ -479,7 +486,15 @@ class TrainConfig:
     pos_weight: float | None = None
     crop_probability: float = 0.0
     crop_sizes: tuple[int, int] = (25, 45)
+    plateau_factor: float = 1.0
+    plateau_patience: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.plateau_factor <= 1.0:
+            raise ValueError(f"plateau_factor must be in (0, 1], not {self.plateau_factor}")
+        if self.plateau_patience < 1:
+            raise ValueError(f"plateau_patience must be >= 1, not {self.plateau_patience}")
 
 
 @dataclass(frozen=True)
@@ -494,11 +509,14 @@ class EpochRecord:
         Mean training loss over the epoch's batches (on augmented examples, with dropout).
     validation_loss : float
         Loss on the whole validation split, in evaluation mode.
+    learning_rate : float
+        Learning rate of the epoch's steps.
     """
 
     epoch: int
     train_loss: float
     validation_loss: float
+    learning_rate: float
 
 
 @dataclass(frozen=True)
@@ -564,12 +582,24 @@ def _fit(
     optimiser = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    scheduler = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimiser,
+            factor=config.plateau_factor,
+            patience=config.plateau_patience - 1,
+            threshold=config.min_delta,
+            threshold_mode="abs",
+        )
+        if config.plateau_factor < 1.0
+        else None
+    )
     pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight)
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         total, seen = 0.0, 0
+        learning_rate = float(optimiser.param_groups[0]["lr"])
         for idx in _batches(n_train, config.batch_size, rng):
             inputs, targets = train_batch(idx, rng)
             x = torch.from_numpy(np.ascontiguousarray(inputs))
@@ -581,7 +611,9 @@ def _fit(
             total += loss.item() * len(idx)
             seen += len(idx)
         val = validation_loss(model)
-        history.append(EpochRecord(epoch, total / max(seen, 1), val))
+        history.append(EpochRecord(epoch, total / max(seen, 1), val, learning_rate))
+        if scheduler is not None:
+            scheduler.step(val)
         if val < best_loss - config.min_delta:
             best_loss, best_epoch = val, epoch
             best_state = copy.deepcopy(model.state_dict())

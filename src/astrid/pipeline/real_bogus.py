@@ -109,7 +109,13 @@ class RealBogusConfig:
     cnn: TripletCnnConfig = field(default_factory=TripletCnnConfig)
     cnn_training: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            batch_size=128, max_epochs=25, patience=4, crop_probability=0.2, seed=0
+            batch_size=128,
+            max_epochs=25,
+            patience=4,
+            crop_probability=0.2,
+            plateau_factor=0.3,
+            plateau_patience=1,
+            seed=0,
         )
     )
     unet: UNetConfig | None = field(default_factory=UNetConfig)
@@ -268,9 +274,11 @@ def train_real_bogus(
     cfg = config or RealBogusConfig()
     say = log or (lambda _line: None)
     torch.set_num_threads(cfg.threads)
-    dataset = training_set.to_triplet_dataset()
     masks = [training_set.split == k for k in range(3)]
-    train, validation, test = (dataset.subset(np.flatnonzero(m)) for m in masks)
+    # One normalised copy per split, made straight from the raw stamps.
+    train, validation, test = (
+        training_set.to_triplet_dataset(indices=np.flatnonzero(m)) for m in masks
+    )
     test_part = training_set.subset(masks[2])
     counts = {
         f"{name}_{cls}": int(np.sum(m & (training_set.labels == (cls == "real"))))
@@ -283,6 +291,11 @@ def train_real_bogus(
     with measure_energy(country_iso_code=cfg.country_iso_code) as meter:
         result = train_classifier(train, validation, model_config=cfg.cnn, config=cfg.cnn_training)
     seconds = time.perf_counter() - started
+    for record in result.history:
+        say(
+            f"epoch {record.epoch}: train loss {record.train_loss:.4f}, validation loss "
+            f"{record.validation_loss:.4f}, learning rate {record.learning_rate:.2g}"
+        )
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
     result.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     calibrated = apply_temperature(logits, result.temperature)
@@ -313,7 +326,7 @@ def train_real_bogus(
         chosen = np.flatnonzero(masks[0])
         if len(chosen) > cfg.unet_max_examples:
             chosen = np.sort(rng.choice(chosen, cfg.unet_max_examples, replace=False))
-        sub_train = dataset.subset(chosen)
+        sub_train = training_set.to_triplet_dataset(indices=chosen)
         x_train, y_train = _unet_inputs(sub_train, training_set.fwhm[chosen], cfg.unet_radius)
         x_val, y_val = _unet_inputs(validation, training_set.fwhm[masks[1]], cfg.unet_radius)
         started = time.perf_counter()

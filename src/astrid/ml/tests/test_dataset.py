@@ -91,6 +91,11 @@ def test_training_set_checks_and_parts() -> None:
     assert len(data.part("train")) == 4 and set(data.part("test").groups) == {"d"}
     normalised = data.to_triplet_dataset()
     assert np.isfinite(normalised.triplets).all() and np.all(normalised.triplets[0, :, 0] == 0)
+    picked = np.array([6, 1, 3])
+    part = data.to_triplet_dataset(indices=picked)
+    np.testing.assert_array_equal(part.triplets, normalised.triplets[picked])
+    np.testing.assert_array_equal(part.labels, normalised.labels[picked])
+    np.testing.assert_array_equal(part.groups, normalised.groups[picked])
     counts = data.counts()
     assert counts["n_real"] + counts["n_bogus"] == 8
     assert counts["fields_per_split"]["test"] == ["d"]

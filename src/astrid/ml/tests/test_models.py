@@ -84,3 +84,19 @@ def test_heatmap_scores_take_the_maximum_within_the_radius() -> None:
     np.testing.assert_allclose(
         heatmap_scores(probs, [7.0], [5.0], radius=0.0, logits=False), [expit(3.0)]
     )
+
+
+def test_centre_window_widens_the_head_and_defaults_on() -> None:
+    assert TripletCnnConfig().centre_window == 2
+    narrow = TripletCnn(TripletCnnConfig(centre_window=0))
+    wide = TripletCnn()
+    # Average and maximum of the 64 channels of the central window: 128 more head inputs.
+    assert count_parameters(wide) - count_parameters(narrow) == 128 * wide.config.hidden
+    with pytest.raises(ValueError, match="centre_window"):
+        TripletCnnConfig(centre_window=-1)
+
+
+def test_centre_window_larger_than_the_feature_map_is_refused() -> None:
+    model = TripletCnn(TripletCnnConfig(centre_window=4))
+    with pytest.raises(ValueError, match="exceeds"):
+        predict_logits(model, np.zeros((1, 3, 31, 31), dtype=np.float32))

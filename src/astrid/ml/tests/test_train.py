@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -114,9 +116,9 @@ def test_temperature_scaling_calibrates_an_overconfident_model() -> None:
 
 def test_cnn_learns_the_toy_problem(toy: TripletDataset) -> None:
     train, validation, test = toy.split(split_by_group(toy.groups, (0.6, 0.2, 0.2), seed=0))
-    config = TrainConfig(max_epochs=4, patience=2, batch_size=32, learning_rate=3e-3, seed=0)
+    config = TrainConfig(max_epochs=6, patience=2, batch_size=32, learning_rate=3e-3, seed=0)
     result = train_classifier(train, validation, config=config)
-    assert 1 <= result.best_epoch <= len(result.history) <= 4
+    assert 1 <= result.best_epoch <= len(result.history) <= 6
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert roc_auc(validation.labels, result.validation_logits) > 0.95
     from astrid.ml.models import predict_logits
@@ -179,3 +181,32 @@ def test_temperature_at_a_bound_warns() -> None:
     logits, labels = np.array([-2.0, -1.0, 1.0, 2.0]), np.array([0, 0, 1, 1])  # separable
     with pytest.warns(UserWarning, match="edge of the search range"):
         assert fit_temperature(logits, labels) == pytest.approx(0.05, rel=1e-2)
+
+
+def test_learning_rate_drops_after_each_epoch_without_improvement(toy: TripletDataset) -> None:
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    field = np.asarray(toy.groups, dtype=int)
+    train = toy.subset(np.flatnonzero(field < 4))
+    # Labels unrelated to the stamps: the validation loss soon stops improving.
+    held = toy.subset(np.flatnonzero(field >= 4))
+    shuffled = np.random.default_rng(0).permutation(held.labels)
+    validation = TripletDataset(held.triplets, shuffled, held.groups)
+    config = TrainConfig(
+        max_epochs=6, patience=6, batch_size=16, learning_rate=1e-2, plateau_factor=0.5, seed=3
+    )
+    result = train_classifier(train, validation, model_config=small, config=config)
+    history = result.history
+    assert history[0].learning_rate == pytest.approx(1e-2)
+    best = history[0].validation_loss
+    drops = 0
+    for before, after in itertools.pairwise(history):
+        improved = before.validation_loss < best or before is history[0]
+        best = min(best, before.validation_loss)
+        expected = before.learning_rate * (1.0 if improved else 0.5)
+        assert after.learning_rate == pytest.approx(expected)
+        drops += not improved
+    assert drops >= 1
+    with pytest.raises(ValueError, match="plateau_factor"):
+        TrainConfig(plateau_factor=0.0)
+    with pytest.raises(ValueError, match="plateau_patience"):
+        TrainConfig(plateau_patience=0)

@@ -83,7 +83,7 @@ def _update_array(digest: Any, label: str, array: np.ndarray) -> None:
         data = data.astype(data.dtype.newbyteorder("<"))
     digest.update(f"{label}|{data.dtype.str}|{data.shape}|".encode())
     # The buffer itself, not a bytes copy: a training set's stamps are gigabytes.
-    digest.update(memoryview(data).cast("B"))
+    digest.update(data.reshape(-1).view(np.uint8).data)
 
 
 def dataset_hash(

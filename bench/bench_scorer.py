@@ -4,9 +4,11 @@ Usage::
 
     python bench/bench_scorer.py --threads 2 --batch-sizes 64 256 1024 --repeat 5
     python bench/bench_scorer.py --packaged real_bogus --threads 2 --batch-sizes 256 1024
+    python bench/bench_scorer.py --bundle path/to/bundle --threads 2 --batch-sizes 256
 
 ``--packaged NAME`` scores with the bundle shipped in the package (the production
-scorer, ``Scorer.packaged(NAME)``). Without it, since weights do not change the cost of a
+scorer, ``Scorer.packaged(NAME)``); ``--bundle PATH`` with a bundle folder (a candidate
+exported from the registry). Without it, since weights do not change the cost of a
 forward pass, the benchmark saves a freshly initialised
 :class:`~astrid.ml.models.TripletCnn` as a bundle in a temporary folder and loads it
 through :class:`~astrid.ml.serve.Scorer`; both are the production path (batch
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--packaged", default=None, help="name of a shipped model bundle")
+    parser.add_argument("--bundle", default=None, help="a model bundle folder")
     args = parser.parse_args()
 
     import numpy as np
@@ -49,10 +52,11 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     raw = rng.normal(0.0, 1.0, (args.n, 3, 63, 63)).astype(np.float32)
     raw[:, :, :, :5] = np.nan  # masked edge columns, as cutouts at an image border
-    if args.packaged:
-        loaded = Scorer.packaged(args.packaged)
+    if args.packaged or args.bundle:
+        loaded = Scorer.packaged(args.packaged) if args.packaged else Scorer.from_path(args.bundle)
         model = TripletCnn(loaded.config)
-        label = f"{args.packaged} version {loaded.version} (packaged)"
+        where = "packaged" if args.packaged else "bundle"
+        label = f"{loaded.model_name} version {loaded.version} ({where})"
     else:
         torch.manual_seed(args.seed)
         model = TripletCnn()

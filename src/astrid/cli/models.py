@@ -104,7 +104,7 @@ def train(
     epochs: int = typer.Option(25, "--epochs", min=1, help="Most epochs of the CNN."),
     stem_channels: int = typer.Option(16, "--stem-channels", min=1, help="CNN stem channels."),
     block_channels: str = typer.Option(
-        "16,32,64,64", "--block-channels", help="CNN block channels, comma-separated."
+        "16,32,128,128", "--block-channels", help="CNN block channels, comma-separated."
     ),
     centre_window: int = typer.Option(
         2,
@@ -210,12 +210,13 @@ def train(
     card = ModelCardInfo(
         data=(
             "Candidates detected and cut out by AstrID's pair pipeline (ZOGY) on simulated "
-            "pairs (ZTF-, DECam-, Rubin-like and generic detectors, PSF FWHM ~1.3-6 px) and "
+            "pairs (ZTF-, DECam-, Rubin-like and generic detectors, PSF FWHM ~1.2-6 px) and "
             "on the real DECam pair of the sfft test data. Real: fakes injected before "
             "subtraction into the science (positive) or the reference (negative), isolated, "
             "on galaxies or on stars, matched within 1 FWHM. Bogus: everything else detected "
             "on pairs without transients, with cosmic rays, saturated stars, unmasked bad "
-            "columns, 0.3-1 px misalignment and PSF mismatch. Split by field; the test split "
+            "columns, satellite trails, 0.3-1 px misalignment and PSF mismatch. Split by "
+            "field; the test split "
             f"holds fields never trained on. Counts: {outcome.counts}."
         )
     )

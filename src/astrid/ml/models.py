@@ -78,7 +78,7 @@ class TripletCnnConfig:
     in_channels: int = 3
     cutout_size: int = 63
     stem_channels: int = 16
-    block_channels: tuple[int, ...] = (16, 32, 64, 64)
+    block_channels: tuple[int, ...] = (16, 32, 128, 128)
     hidden: int = 32
     dropout: float = 0.2
     centre_window: int = 2
@@ -113,7 +113,7 @@ class TripletCnn(nn.Module):
     Parameters
     ----------
     config : TripletCnnConfig
-        Architecture; the default has about 68k parameters.
+        Architecture; the default has about 210k parameters.
 
     Notes
     -----

@@ -28,6 +28,13 @@ points), ``ml_completeness.png`` (completeness against injected S/N at the 1 %-F
 threshold), ``ml_reliability.png`` (before and after temperature scaling) and
 ``ml_scores.png`` (score histograms of real and bogus).
 
+``point-sources`` scores hand-made stamps of a lone Gaussian point source on unit noise
+(science and difference; the reference is noise only) for a grid of FWHM and S/N, and
+prints the median score of each cell: how sharp a source can be before the model takes
+it for a cosmic ray::
+
+    python bench/ml_eval.py point-sources [--model BUNDLE]
+
 ``agreement`` pools sets of the per-alert CSV that ``astrid evaluate --scores-csv``
 writes and compares our score with the packets' ``drb``, ``rb`` and ``reliability``
 (:func:`astrid.ml.evaluate.score_agreement`), e.g. only the unfiltered ZTF sets::
@@ -456,6 +463,39 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_point_sources(args: argparse.Namespace) -> int:
+    import torch
+
+    from astrid.ml.serve import Scorer
+
+    torch.set_num_threads(args.threads)
+    scorer = Scorer.from_path(args.model) if args.model else Scorer.packaged("real_bogus")
+    rng = np.random.default_rng(args.seed)
+    yy, xx = np.mgrid[:63, :63]
+    snrs = (8.0, 15.0, 30.0, 100.0)
+    print(
+        f"{scorer.model_name} version {scorer.model_version}: median score of {args.n} stamps "
+        "per cell, lone Gaussian point source, unit noise"
+    )
+    print(f"{'FWHM px':>8} " + " ".join(f"{'S/N ' + format(v, 'g'):>8}" for v in snrs))
+    for fwhm in (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0):
+        sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+        row = []
+        for snr in snrs:
+            stamps = np.empty((args.n, 3, 63, 63), np.float32)
+            for k in range(args.n):
+                cx, cy = 31.0 + rng.uniform(-0.5, 0.5, 2)
+                psf = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * sigma**2))
+                psf /= psf.sum()
+                source = snr / np.sqrt(np.sum(psf**2)) * psf  # PSF-fit S/N in unit noise
+                science = source + rng.normal(size=psf.shape)
+                reference = 0.5 * rng.normal(size=psf.shape)
+                stamps[k] = (science, reference, science - reference)
+            row.append(float(np.median(scorer.score(stamps))))
+        print(f"{fwhm:>8.1f} " + " ".join(f"{v:>8.3f}" for v in row))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -479,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("scores_csv", help="CSV written by astrid evaluate --scores-csv")
     a.add_argument("--sets", nargs="+", required=True, help="set names (prefixes) to pool")
     a.set_defaults(func=cmd_agreement)
+    ps = sub.add_parser("point-sources", help="scores of lone point sources by FWHM and S/N")
+    ps.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    ps.add_argument("--n", type=int, default=64, help="stamps per cell")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--threads", type=int, default=2)
+    ps.set_defaults(func=cmd_point_sources)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

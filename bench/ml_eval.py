@@ -201,6 +201,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fpr = float(np.mean(scores[bogus] >= thr)) if bogus.any() else math.nan
         results.setdefault("at_global_1pct_fpr_threshold", {})[name] = {"fnr": fnr, "fpr": fpr}
         print(f"at the overall 1%-FPR threshold {thr:.3f}: {name}: FNR {fnr:.4f}, FPR {fpr:.4f}")
+    # Where the misses and false positives at that threshold are: by recipe and placement.
+    missed = (labels == 1) & (scores < thr)
+    passed = (labels == 0) & (scores >= thr)
+    n_missed, n_passed = int(missed.sum()), int(passed.sum())
+    print(f"at the overall 1%-FPR threshold: {n_missed} missed, {n_passed} bogus pass")
+    for what, chosen, pool in (
+        ("missed", missed, labels == 1),
+        ("bogus passing", passed, labels == 0),
+    ):
+        kinds = np.asarray(data.kind)
+        for kind in sorted(
+            set(kinds[pool].tolist()), key=lambda k: -int(np.sum(kinds[chosen] == k))
+        ):
+            n, of = int(np.sum(kinds[chosen] == kind)), int(np.sum(kinds[pool] == kind))
+            print(f"  {what:<14} {kind:<24} {n:>4} of {of:<5} {n / max(of, 1):.3f}")
+    results["at_global_1pct_fpr_threshold"]["by_kind"] = {
+        str(k): {"missed": int(np.sum(missed & (np.asarray(data.kind) == k)))}
+        for k in sorted(set(np.asarray(data.kind)[labels == 1].tolist()))
+    }
     # Completeness table (overall, at the overall 1 %-FPR threshold).
     curve = per["all"].completeness
     assert curve is not None

@@ -125,17 +125,14 @@ class Settings(BaseSettings):
         if spec.lower() == "none":
             return None
         from astrid.errors import ModelNotAvailable
-        from astrid.ml.serve import Scorer
+        from astrid.ml.registry import CHALLENGER, CHAMPION, load_scorer
 
         if spec == "packaged":
-            scorer = Scorer.packaged("real_bogus")
-        elif spec in ("champion", "challenger"):
-            from astrid.ml.registry import ModelRegistry, RegistryConfig
-
-            registry = ModelRegistry(RegistryConfig.local(self.data_dir / "mlflow"))
-            scorer = registry.load_scorer("real_bogus", spec)
+            scorer = load_scorer("real_bogus")
+        elif spec in (CHAMPION, CHALLENGER):
+            scorer = load_scorer("real_bogus", alias=spec, registry_dir=self.data_dir / "mlflow")
         else:
-            scorer = Scorer.from_path(Path(spec))
+            scorer = load_scorer("real_bogus", path=Path(spec))
         if scorer.config.cutout_size != self.cutout_size:
             raise ModelNotAvailable(
                 f"{scorer.model_name} version {scorer.model_version}",

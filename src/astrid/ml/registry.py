@@ -56,6 +56,7 @@ __all__ = [
     "RegisteredVersion",
     "RegistryConfig",
     "dataset_hash",
+    "load_scorer",
     "measure_energy",
     "render_model_card",
 ]
@@ -867,3 +868,44 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run_id, f"{_MODEL_ARTIFACT}/{_CARD_FILE}", tmp)
             return Path(path).read_text(encoding="utf-8")
+
+
+def load_scorer(
+    name: str,
+    *,
+    path: str | Path | None = None,
+    alias: str | None = None,
+    registry_dir: str | Path | None = None,
+) -> Scorer:
+    """The :class:`~astrid.ml.serve.Scorer` a user named: a bundle, an alias, or the package's.
+
+    Parameters
+    ----------
+    name : str
+        Registered (and packaged) model name, e.g. ``"real_bogus"``.
+    path : path or None
+        A bundle folder; takes precedence.
+    alias : str or None
+        A registry alias (``champion``, ``challenger``...), looked up in the local
+        registry under ``registry_dir``.
+    registry_dir : path or None
+        The MLflow folder of the local registry; needed with ``alias``.
+
+    Returns
+    -------
+    Scorer
+        From ``path``, else from the registry's ``alias``, else the bundle shipped in the
+        package.
+
+    Raises
+    ------
+    ModelNotAvailable
+        If the bundle, alias or packaged model cannot be loaded.
+    """
+    if path is not None:
+        return Scorer.from_path(path)
+    if alias is not None:
+        if registry_dir is None:
+            raise ValueError("registry_dir is needed to look up an alias")
+        return ModelRegistry(RegistryConfig.local(registry_dir)).load_scorer(name, alias)
+    return Scorer.packaged(name)

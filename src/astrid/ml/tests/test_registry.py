@@ -18,6 +18,7 @@ from astrid.ml.registry import (
     ModelRegistry,
     RegistryConfig,
     dataset_hash,
+    load_scorer,
     measure_energy,
 )
 from astrid.ml.serve import Scorer, save_model_bundle
@@ -125,3 +126,11 @@ def test_mlflow_round_trip(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelNotAvailable, match="no version with alias 'challenger'"):
         registry.load_scorer("real_bogus", CHALLENGER)
+
+    # load_scorer: a bundle path first, then a registry alias, else the packaged model.
+    by_alias = load_scorer("real_bogus", alias=CHAMPION, registry_dir=tmp_path / "mlruns")
+    by_path = load_scorer("real_bogus", path=tmp_path / "local", alias=CHAMPION)
+    np.testing.assert_array_equal(by_alias.score(triplets), by_path.score(triplets))
+    assert load_scorer("real_bogus").version == Scorer.packaged("real_bogus").version
+    with pytest.raises(ValueError, match="registry_dir"):
+        load_scorer("real_bogus", alias=CHAMPION)

@@ -106,6 +106,7 @@ def train(
     block_channels: str = typer.Option(
         "16,32,128,128", "--block-channels", help="CNN block channels, comma-separated."
     ),
+    hidden: int = typer.Option(32, "--hidden", min=1, help="Units of the CNN head's dense layer."),
     centre_window: int = typer.Option(
         2,
         "--centre-window",
@@ -182,6 +183,7 @@ def train(
             base.cnn,
             stem_channels=stem_channels,
             block_channels=blocks,
+            hidden=hidden,
             centre_window=centre_window,
         ),
         cnn_training=replace(base.cnn_training, max_epochs=epochs, seed=seed),
@@ -293,13 +295,10 @@ def train(
 
 
 def _scorer(model: Path | None, alias: str | None, name: str, data_dir: Path | None) -> Any:
-    from astrid.ml.serve import Scorer
+    from astrid.ml.registry import load_scorer
 
-    if model is not None:
-        return Scorer.from_path(model)
-    if alias is not None:
-        return _registry(data_dir).load_scorer(name, alias)
-    return Scorer.packaged(name)
+    mlflow_dir = _data_dir(data_dir) / "mlflow" if alias is not None else None
+    return load_scorer(name, path=model, alias=alias, registry_dir=mlflow_dir)
 
 
 @friendly_errors

@@ -50,6 +50,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -206,20 +207,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     passed = (labels == 0) & (scores >= thr)
     n_missed, n_passed = int(missed.sum()), int(passed.sum())
     print(f"at the overall 1%-FPR threshold: {n_missed} missed, {n_passed} bogus pass")
+    kinds = np.asarray(data.kind).tolist()
+    by_kind: dict[str, dict[str, dict[str, int]]] = {}
     for what, chosen, pool in (
         ("missed", missed, labels == 1),
         ("bogus passing", passed, labels == 0),
     ):
-        kinds = np.asarray(data.kind)
-        for kind in sorted(
-            set(kinds[pool].tolist()), key=lambda k: -int(np.sum(kinds[chosen] == k))
-        ):
-            n, of = int(np.sum(kinds[chosen] == kind)), int(np.sum(kinds[pool] == kind))
-            print(f"  {what:<14} {kind:<24} {n:>4} of {of:<5} {n / max(of, 1):.3f}")
-    results["at_global_1pct_fpr_threshold"]["by_kind"] = {
-        str(k): {"missed": int(np.sum(missed & (np.asarray(data.kind) == k)))}
-        for k in sorted(set(np.asarray(data.kind)[labels == 1].tolist()))
-    }
+        totals = Counter(k for k, p in zip(kinds, pool, strict=True) if p)
+        hits = Counter(k for k, c in zip(kinds, chosen, strict=True) if c)
+        for kind, of in sorted(totals.items(), key=lambda item: -hits[item[0]]):
+            print(f"  {what:<14} {kind:<24} {hits[kind]:>4} of {of:<5} {hits[kind] / of:.3f}")
+        by_kind[what] = {kind: {"n": hits[kind], "of": of} for kind, of in totals.items()}
+    results["at_global_1pct_fpr_threshold"]["by_kind"] = by_kind
     # Completeness table (overall, at the overall 1 %-FPR threshold).
     curve = per["all"].completeness
     assert curve is not None

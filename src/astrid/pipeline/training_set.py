@@ -35,7 +35,9 @@ Fakes are point sources drawn with the image's PSF (the true one for simulations
 pipeline's estimate for real images) with Poisson noise, at S/N (ideal, in the
 difference) log-uniform between 3 and 200: in the science image (positive candidates:
 new sources, brightenings) or in the reference (negative ones: sources that faded),
-isolated, on galaxies (offset from the nucleus) or on stars (variables).
+isolated, on galaxies (offset from the nucleus) or on stars (variables). A variable's
+host is drawn uniformly in magnitude among the visible stars, so brightenings and fades
+of a few per cent of a bright star's flux are as common as changes on faint stars.
 
 Results are cached per pair (a content-addressed ``.npz`` under ``cache/``), so a
 rebuild only runs the pairs whose specification or the builder's version changed.
@@ -96,7 +98,7 @@ __all__ = [
     "simulated_pair_specs",
 ]
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 """Version of the recipes; part of every cache key, so changing it rebuilds every pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
@@ -170,6 +172,13 @@ class FakeConfig:
         At most this many bogus candidates are kept per pair (a random subset), so
         that one badly misaligned pair's hundreds of near-identical dipoles do not
         swamp the rest.
+    star_hosts : {"magnitude", "uniform"}
+        How the host of a fake on a star is chosen among the visible stars (the
+        brightest 20 % of the field). ``"magnitude"``: a magnitude is drawn uniformly
+        between the brightest and the faintest of them and the star nearest to it in
+        magnitude hosts the fake, so bright hosts (few in number) are as common per
+        magnitude as faint ones. ``"uniform"``: every visible star equally likely
+        (builder version 2), which puts most variables on faint hosts.
     """
 
     n_fakes: tuple[int, int] = (40, 80)
@@ -179,6 +188,13 @@ class FakeConfig:
     min_separation_fwhm: float = 4.0
     match_radius_fwhm: float = 1.0
     max_bogus: int = 100
+    star_hosts: Literal["magnitude", "uniform"] = "magnitude"
+
+    def __post_init__(self) -> None:
+        if self.star_hosts not in ("magnitude", "uniform"):
+            raise ValueError(
+                f"star_hosts must be 'magnitude' or 'uniform', not {self.star_hosts!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -620,8 +636,12 @@ def _choose_positions(
     placement: tuple[float, float, float],
     pixel_scale: float,
     margin: float,
+    star_hosts: str = "magnitude",
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], list[str]]:
-    """Fake positions (science grid) and where each sits, at least ``separation`` apart."""
+    """Fake positions (science grid) and where each sits, at least ``separation`` apart.
+
+    Hosts of fakes on stars are drawn as :attr:`FakeConfig.star_hosts` says.
+    """
     ny, nx = shape
     xs: list[float] = []
     ys: list[float] = []
@@ -637,6 +657,10 @@ def _choose_positions(
     s_ok = np.array([inside(a, b) for a, b in zip(s_x, s_y, strict=True)], bool)
     if len(s_flux):
         s_ok &= s_flux >= np.percentile(s_flux, 80)  # a visible star, not the faint crowd
+    hosts = np.flatnonzero(s_ok)
+    # The same stars ordered by magnitude, for hosts drawn uniformly in magnitude.
+    by_mag = hosts[np.argsort(-s_flux[hosts], kind="stable")]
+    mag = -2.5 * np.log10(np.maximum(s_flux[by_mag], 1e-30))
     r_eff = (
         np.asarray(galaxies["r_eff"], float) / pixel_scale
         if "r_eff" in galaxies.colnames
@@ -651,8 +675,15 @@ def _choose_positions(
             angle = rng.uniform(0.0, 2.0 * math.pi)
             radius = rng.uniform(0.0, 1.0) * r_eff[k]
             x, y = g_x[k] + radius * math.cos(angle), g_y[k] + radius * math.sin(angle)
-        elif choice == "star" and s_ok.any():
-            k = int(rng.choice(np.flatnonzero(s_ok)))
+        elif choice == "star" and len(hosts):
+            if star_hosts == "magnitude":
+                m = rng.uniform(mag[0], mag[-1])
+                i = int(np.searchsorted(mag, m))
+                if i == len(mag) or (i > 0 and m - mag[i - 1] < mag[i] - m):
+                    i -= 1
+                k = int(by_mag[i])
+            else:
+                k = int(rng.choice(hosts))
             x, y = s_x[k] + rng.normal(0.0, 0.05), s_y[k] + rng.normal(0.0, 0.05)
         else:
             choice = "isolated"
@@ -734,6 +765,7 @@ def _draw_fakes(
         cfg.placement,
         pixel_scale,
         margin=2.0,
+        star_hosts=cfg.star_hosts,
     )
     lo, hi = cfg.snr_range
     target = np.exp(rng.uniform(math.log(lo), math.log(hi), len(x)))

@@ -158,3 +158,41 @@ def test_satellite_trails_cross_a_share_of_epochs_and_change_nothing_else() -> N
             reference=replace(a.reference, satellite_trails=0),
         )
         assert untrailed == b
+
+
+def _hosts(star_hosts: str, seed: int = 3) -> np.ndarray:
+    """Magnitudes of the stars hosting 30 fakes among 2,000 stars of a steep luminosity function."""
+    from astropy.table import Table
+
+    from astrid.pipeline.training_set import _choose_positions
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    mags = 23.5 - rng.exponential(1.5, n)  # many faint stars, few bright ones
+    stars = Table(
+        {"x": rng.uniform(5, 995, n), "y": rng.uniform(5, 995, n), "flux": 10 ** (-0.4 * mags)}
+    )
+    galaxies = Table({"x": np.zeros(0), "y": np.zeros(0)})
+    x, y, where = _choose_positions(
+        rng, 30, (1000, 1000), 4.0, galaxies, stars, (0.0, 0.0, 1.0), 1.0, 2.0, star_hosts
+    )
+    assert where == ["star"] * len(x) and len(x) == 30
+    nearest = np.argmin(
+        np.hypot(x[:, None] - stars["x"][None], y[:, None] - stars["y"][None]), axis=1
+    )
+    return np.asarray(mags[nearest])
+
+
+def test_variable_star_hosts_uniform_in_magnitude() -> None:
+    visible_limit = np.percentile(23.5 - np.random.default_rng(3).exponential(1.5, 2000), 20)
+    by_mag, uniform = _hosts("magnitude"), _hosts("uniform")
+    assert by_mag.max() <= visible_limit + 0.05 and uniform.max() <= visible_limit + 0.05
+    # A steep luminosity function puts almost every uniformly drawn host near the
+    # visible limit. Drawn in magnitude, a good share are more than halfway to the
+    # brightest (fewer than half: each bright star hosts at most one fake).
+    bright = by_mag.min() + 0.5 * (visible_limit - by_mag.min())
+    assert np.mean(by_mag < bright) > 0.25
+    assert np.mean(uniform < bright) < 0.1
+    assert np.median(by_mag) < np.median(uniform) - 1.5
+    with pytest.raises(ValueError, match="star_hosts"):
+        FakeConfig(star_hosts="brightest")  # type: ignore[arg-type]

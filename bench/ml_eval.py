@@ -13,7 +13,9 @@ Two steps::
 
 ``build`` uses :func:`astrid.pipeline.training_set.build_training_set` with the same
 recipes as ``astrid train`` but another seed and ``fractions=(0, 0, 1)``, so the whole
-set is the test split (``astrid evaluate --dataset`` reads it as is). The simulated
+set is the test split (``astrid evaluate --dataset`` reads it as is). ``--star-hosts
+uniform`` draws the hosts of fakes on stars as builder version 2 did (the set is named
+``real-bogus-eval-<seed>-uniform-hosts``). The simulated
 fields are drawn from ``default_rng([seed, field_index])``; ``build`` first checks that
 none of the field seeds of ``--seed`` occurs among the first ``--check-fields`` fields
 of the default seed 2024, which ``astrid train`` always builds from.
@@ -68,7 +70,7 @@ def _field_seeds(seed: int, n_fields: int) -> set[int]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from astrid.pipeline.training_set import TrainingSetConfig, build_training_set
+    from astrid.pipeline.training_set import FakeConfig, TrainingSetConfig, build_training_set
 
     ours = _field_seeds(args.seed, args.fields)
     default = _field_seeds(FIELD_SEED_DEFAULT, args.check_fields)
@@ -80,8 +82,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     if shared and args.seed != FIELD_SEED_DEFAULT:
         print("refusing: some fields coincide with the default seed's", file=sys.stderr)
         return 1
+    suffix = "" if args.star_hosts == "magnitude" else f"-{args.star_hosts}-hosts"
     config = TrainingSetConfig(
-        name=f"real-bogus-eval-{args.seed}",
+        name=f"real-bogus-eval-{args.seed}{suffix}",
+        fakes=FakeConfig(star_hosts=args.star_hosts),
         n_fields=args.fields,
         pairs_per_field=args.pairs_per_field,
         seed=args.seed,
@@ -481,15 +485,27 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_point_sources(args: argparse.Namespace) -> int:
+def _gaussian_psf(rng: np.random.Generator, fwhm: float) -> np.ndarray:
+    """A unit-sum Gaussian PSF on a 63 x 63 stamp, centred within half a pixel of (31, 31)."""
+    yy, xx = np.mgrid[:63, :63]
+    sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    cx, cy = 31.0 + rng.uniform(-0.5, 0.5, 2)
+    psf = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * sigma**2))
+    return psf / psf.sum()
+
+
+def _scorer(args: argparse.Namespace) -> Any:
     import torch
 
     from astrid.ml.serve import Scorer
 
     torch.set_num_threads(args.threads)
-    scorer = Scorer.from_path(args.model) if args.model else Scorer.packaged("real_bogus")
+    return Scorer.from_path(args.model) if args.model else Scorer.packaged("real_bogus")
+
+
+def cmd_point_sources(args: argparse.Namespace) -> int:
+    scorer = _scorer(args)
     rng = np.random.default_rng(args.seed)
-    yy, xx = np.mgrid[:63, :63]
     snrs = (8.0, 15.0, 30.0, 100.0)
     print(
         f"{scorer.model_name} version {scorer.model_version}: median score of {args.n} stamps "
@@ -497,20 +513,52 @@ def cmd_point_sources(args: argparse.Namespace) -> int:
     )
     print(f"{'FWHM px':>8} " + " ".join(f"{'S/N ' + format(v, 'g'):>8}" for v in snrs))
     for fwhm in (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0):
-        sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
         row = []
         for snr in snrs:
             stamps = np.empty((args.n, 3, 63, 63), np.float32)
             for k in range(args.n):
-                cx, cy = 31.0 + rng.uniform(-0.5, 0.5, 2)
-                psf = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * sigma**2))
-                psf /= psf.sum()
+                psf = _gaussian_psf(rng, fwhm)
                 source = snr / np.sqrt(np.sum(psf**2)) * psf  # PSF-fit S/N in unit noise
                 science = source + rng.normal(size=psf.shape)
                 reference = 0.5 * rng.normal(size=psf.shape)
                 stamps[k] = (science, reference, science - reference)
             row.append(float(np.median(scorer.score(stamps))))
         print(f"{fwhm:>8.1f} " + " ".join(f"{v:>8.3f}" for v in row))
+    return 0
+
+
+def cmd_variable_stars(args: argparse.Namespace) -> int:
+    scorer = _scorer(args)
+    rng = np.random.default_rng(args.seed)
+    snrs = (8.0, 15.0, 30.0, 100.0)
+    stars = (0.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+    gain = 10.0  # source counts per unit of sky variance: Poisson noise of the star
+    print(
+        f"{scorer.model_name} version {scorer.model_version}: median score of {args.n} stamps "
+        f"per cell; a star (PSF-fit S/N in the reference) that brightened (+) or faded (-) "
+        f"by a change of the given difference S/N; Gaussian PSF FWHM {args.fwhm:g} px; sky "
+        "noise 1 in the science, 0.5 in the reference, plus the star's Poisson noise"
+    )
+    header = " ".join(f"{sign}S/N {v:g}".rjust(8) for sign in "+-" for v in snrs)
+    print(f"{'star S/N':>9} {header}")
+    for star_snr in stars:
+        row = []
+        for sign in (1.0, -1.0):
+            for snr in snrs:
+                stamps = np.empty((args.n, 3, 63, 63), np.float32)
+                for k in range(args.n):
+                    psf = _gaussian_psf(rng, args.fwhm)
+                    star = star_snr / np.sqrt(np.sum(psf**2 / 0.25)) * psf
+                    var_sci = 1.0 + star / gain
+                    var_ref = 0.25 * (1.0 + star / gain)
+                    change = snr / np.sqrt(np.sum(psf**2 / (var_sci + var_ref))) * psf
+                    science = star + (change if sign > 0 else 0.0)
+                    reference = star + (change if sign < 0 else 0.0)
+                    science = science + rng.normal(size=psf.shape) * np.sqrt(var_sci)
+                    reference = reference + rng.normal(size=psf.shape) * np.sqrt(var_ref)
+                    stamps[k] = (science, reference, science - reference)
+                row.append(float(np.median(scorer.score(stamps))))
+        print(f"{star_snr:>9g} " + " ".join(f"{v:>8.3f}" for v in row))
     return 0
 
 
@@ -525,6 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--shared-data", default=None, help="shared data folder (real DECam pair)")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--check-fields", type=int, default=1000, help="default-seed fields to compare")
+    b.add_argument(
+        "--star-hosts",
+        choices=("magnitude", "uniform"),
+        default="magnitude",
+        help="hosts of fakes on stars (FakeConfig.star_hosts); uniform: builder 2's sets",
+    )
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("evaluate", help="score the set and write metrics and plots")
     e.add_argument("dataset", help="the .npz written by build")
@@ -543,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--threads", type=int, default=2)
     ps.set_defaults(func=cmd_point_sources)
+    vs = sub.add_parser("variable-stars", help="scores of a star that brightened or faded")
+    vs.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    vs.add_argument("--n", type=int, default=64, help="stamps per cell")
+    vs.add_argument("--fwhm", type=float, default=2.0, help="PSF FWHM, pixels")
+    vs.add_argument("--seed", type=int, default=0)
+    vs.add_argument("--threads", type=int, default=2)
+    vs.set_defaults(func=cmd_variable_stars)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

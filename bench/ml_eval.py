@@ -37,6 +37,20 @@ it for a cosmic ray::
 
     python bench/ml_eval.py point-sources [--model BUNDLE]
 
+``variable-stars`` does the same for a star that brightened or faded: a Gaussian star
+of given S/N in the reference, changed by a given difference S/N (with the star's Poisson
+noise), median score per cell; how small a change on how bright a star the model still
+takes for real::
+
+    python bench/ml_eval.py variable-stars [--model BUNDLE] [--fwhm 2.0]
+
+``ztf-context`` scores ZTF alerts and prints the AUC against ``drb >= 0.5`` by polarity
+and by whether the reference has a source under the candidate (``candidate.distnr``
+below 1.5 arcsec: variable stars, nuclear transients)::
+
+    python bench/ml_eval.py ztf-context ../shared/data/ztf_alerts_fink_broker \
+        ../shared/data/ztf_alerts_kowalski ../shared/data/ztf_alerts_ampel [--model BUNDLE]
+
 ``agreement`` pools sets of the per-alert CSV that ``astrid evaluate --scores-csv``
 writes and compares our score with the packets' ``drb``, ``rb`` and ``reliability``
 (:func:`astrid.ml.evaluate.score_agreement`), e.g. only the unfiltered ZTF sets::
@@ -485,6 +499,49 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ztf_context(args: argparse.Namespace) -> int:
+    from astrid.ml.alerts import read_alerts
+    from astrid.ml.evaluate import alert_input_triplets, alert_is_negative
+    from astrid.ml.metrics import roc_auc
+
+    scorer = _scorer(args)
+    alerts = [a for a in read_alerts(args.paths) if a.survey == "ZTF" and "drb" in a.scores]
+    ours = scorer.score(alert_input_triplets(alerts))
+    real = np.array([a.scores["drb"] >= 0.5 for a in alerts])
+    negative = np.array([alert_is_negative(a) for a in alerts])
+    # candidate.distnr: distance to the nearest source in the reference image, arcsec
+    distnr = np.array([float(a.detection.get("distnr") or np.inf) for a in alerts])
+    distnr[distnr < 0] = np.inf  # -999: no reference source
+    on_source = distnr < args.on_source
+    print(
+        f"{scorer.model_name} version {scorer.model_version}: {len(alerts)} ZTF alerts with "
+        f"drb; on a source: the reference has a source within {args.on_source:g} arcsec "
+        "(candidate.distnr)"
+    )
+    print(
+        f"{'subset':<26} {'alerts':>6} {'drb real':>8} {'AUC':>6} {'ours>=0.5 | real':>17} "
+        f"{'ours<0.5 | bogus':>17}"
+    )
+    subsets = {
+        "all": np.ones(len(alerts), bool),
+        "positive": ~negative,
+        "negative": negative,
+        "on a source": on_source,
+        "not on a source": ~on_source,
+        "on a source, positive": on_source & ~negative,
+        "on a source, negative": on_source & negative,
+    }
+    for name, sel in subsets.items():
+        r, b = sel & real, sel & ~real
+        auc = roc_auc(real[sel], ours[sel]) if r.any() and b.any() else float("nan")
+        print(
+            f"{name:<26} {int(sel.sum()):>6} {int(r.sum()):>8} {auc:>6.3f} "
+            f"{np.mean(ours[r] >= 0.5) if r.any() else np.nan:>17.2f} "
+            f"{np.mean(ours[b] < 0.5) if b.any() else np.nan:>17.2f}"
+        )
+    return 0
+
+
 def _gaussian_psf(rng: np.random.Generator, fwhm: float) -> np.ndarray:
     """A unit-sum Gaussian PSF on a 63 x 63 stamp, centred within half a pixel of (31, 31)."""
     yy, xx = np.mgrid[:63, :63]
@@ -604,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     vs.add_argument("--seed", type=int, default=0)
     vs.add_argument("--threads", type=int, default=2)
     vs.set_defaults(func=cmd_variable_stars)
+    zc = sub.add_parser("ztf-context", help="AUC against drb by polarity and host")
+    zc.add_argument("paths", nargs="+", help="ZTF alert files or folders")
+    zc.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    zc.add_argument("--on-source", type=float, default=1.5, help="distnr limit, arcsec")
+    zc.add_argument("--threads", type=int, default=2)
+    zc.set_defaults(func=cmd_ztf_context)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

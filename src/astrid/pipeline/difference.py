@@ -9,6 +9,7 @@ caller's business (see :func:`write_difference`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from astrid import __version__
 from astrid.errors import AstridError, ShapeMismatch, StarMatchFailed, TooFewStarsForPsf
 from astrid.exposure import UNUSABLE, Exposure
 from astrid.pipeline.characterize import Characterization, CharacterizeConfig, characterize
-from astrid.science.align import AlignConfig, AlignmentResult, align_to
+from astrid.science.align import AlignConfig, AlignmentResult, AlignmentWarning, align_to
 from astrid.science.detect import Cutouts, DetectConfig, detect_candidates, make_cutouts
 from astrid.science.psf import PsfConfig
 from astrid.science.psf_model import PsfModel
@@ -133,6 +134,21 @@ def _require_psf(char: Characterization, which: str, min_stars: int) -> None:
         raise TooFewStarsForPsf(len(char.stars), min_stars)
 
 
+def _warn_if_offset(dx: np.ndarray, dy: np.ndarray, align: AlignConfig) -> None:
+    """Warn when stars of a pair given as aligned are offset by more than the WCS tolerance."""
+    if len(dx) < align.min_matched_stars:
+        return
+    mx, my = float(np.median(dx)), float(np.median(dy))
+    if np.hypot(mx, my) > align.max_wcs_error_pix:
+        warnings.warn(
+            f"the pair was given as aligned, but its {len(dx)} matched stars are offset by "
+            f"({mx:+.2f}, {my:+.2f}) px (science - reference): every star will leave a "
+            "dipole; pass aligned=False to register the pair with its stars",
+            AlignmentWarning,
+            stacklevel=3,
+        )
+
+
 def difference_pair(
     science: Exposure,
     reference: Exposure,
@@ -151,7 +167,12 @@ def difference_pair(
     reference : Exposure
         Calibrated reference exposure of the same field and band.
     aligned : bool
-        True when ``reference`` is already on the science grid (same shape).
+        True when ``reference`` is already on the science grid (same shape) and
+        registered to it: it is used as given. Images resampled onto one grid can still
+        be offset by a fraction of a pixel, which ZOGY turns into a dipole on every
+        star; when the matched stars show a median offset above
+        ``config.align.max_wcs_error_pix`` an :class:`~astrid.science.align.AlignmentWarning`
+        says so (``aligned=False`` registers the pair with its stars).
     config : DifferenceConfig or None
         Options.
     science_psf, reference_psf : PsfModel or None
@@ -206,8 +227,10 @@ def difference_pair(
     rx, ry = np.asarray(ref.stars["x"]), np.asarray(ref.stars["y"])
     if len(sx) == 0 or len(rx) == 0:
         raise StarMatchFailed(0, cfg.subtract.flux_scale.min_stars, "stars in both images")
-    dist, _ = cKDTree(np.column_stack([rx, ry])).query(np.column_stack([sx, sy]))
+    dist, nearest = cKDTree(np.column_stack([rx, ry])).query(np.column_stack([sx, sy]))
     both = dist <= cfg.match_radius
+    if aligned:
+        _warn_if_offset(sx[both] - rx[nearest[both]], sy[both] - ry[nearest[both]], cfg.align)
     # Registration noise per axis: the residual rms of the matched stars includes both
     # images' centroid noise; the registration itself is fitted to all of them, so its
     # error is that of the mean, rms / sqrt(2 n).

@@ -46,7 +46,8 @@ takes for real::
 
 ``ztf-context`` scores ZTF alerts and prints the AUC against ``drb >= 0.5`` by polarity
 and by whether the reference has a source under the candidate (``candidate.distnr``
-below 1.5 arcsec: variable stars, nuclear transients)::
+below 1.5 arcsec: variable stars, nuclear transients), and on the alerts where ZTF's two
+classifiers agree (``drb`` and ``rb`` on the same side of 0.5) or disagree::
 
     python bench/ml_eval.py ztf-context ../shared/data/ztf_alerts_fink_broker \
         ../shared/data/ztf_alerts_kowalski ../shared/data/ztf_alerts_ampel [--model BUNDLE]
@@ -513,6 +514,8 @@ def cmd_ztf_context(args: argparse.Namespace) -> int:
     distnr = np.array([float(a.detection.get("distnr") or np.inf) for a in alerts])
     distnr[distnr < 0] = np.inf  # -999: no reference source
     on_source = distnr < args.on_source
+    rb = np.array([a.scores.get("rb", np.nan) for a in alerts], dtype=np.float64)
+    agree = np.isfinite(rb) & ((rb >= 0.5) == real)
     print(
         f"{scorer.model_name} version {scorer.model_version}: {len(alerts)} ZTF alerts with "
         f"drb; on a source: the reference has a source within {args.on_source:g} arcsec "
@@ -530,6 +533,8 @@ def cmd_ztf_context(args: argparse.Namespace) -> int:
         "not on a source": ~on_source,
         "on a source, positive": on_source & ~negative,
         "on a source, negative": on_source & negative,
+        "drb and rb agree": agree,
+        "drb and rb disagree": ~agree,
     }
     for name, sel in subsets.items():
         r, b = sel & real, sel & ~real

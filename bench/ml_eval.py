@@ -14,11 +14,12 @@ Two steps::
 ``build`` uses :func:`astrid.pipeline.training_set.build_training_set` with the same
 recipes as ``astrid train`` but another seed and ``fractions=(0, 0, 1)``, so the whole
 set is the test split (``astrid evaluate --dataset`` reads it as is). ``--star-hosts
-uniform`` draws the hosts of fakes on stars as builder version 2 did (the set is named
-``real-bogus-eval-<seed>-uniform-hosts``). The simulated
-fields are drawn from ``default_rng([seed, field_index])``; ``build`` first checks that
-none of the field seeds of ``--seed`` occurs among the first ``--check-fields`` fields
-of the default seed 2024, which ``astrid train`` always builds from.
+magnitude`` draws the hosts of fakes on stars uniformly in magnitude
+(``FakeConfig.star_hosts``; the set is named ``real-bogus-eval-<seed>-magnitude-hosts``).
+The simulated fields are drawn from ``default_rng([seed, field_index])``; ``build``
+first checks that none of the field seeds of ``--seed`` occurs among the first
+``--check-fields`` fields of the default seed 2024, which ``astrid train`` always builds
+from.
 
 ``evaluate`` scores every example with the model's own normalisation and temperature
 (:class:`astrid.ml.serve.Scorer`) and reports, through :mod:`astrid.ml.evaluate` and
@@ -97,7 +98,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if shared and args.seed != FIELD_SEED_DEFAULT:
         print("refusing: some fields coincide with the default seed's", file=sys.stderr)
         return 1
-    suffix = "" if args.star_hosts == "magnitude" else f"-{args.star_hosts}-hosts"
+    suffix = "" if args.star_hosts == "uniform" else f"-{args.star_hosts}-hosts"
     config = TrainingSetConfig(
         name=f"real-bogus-eval-{args.seed}{suffix}",
         fakes=FakeConfig(star_hosts=args.star_hosts),
@@ -637,9 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--check-fields", type=int, default=1000, help="default-seed fields to compare")
     b.add_argument(
         "--star-hosts",
-        choices=("magnitude", "uniform"),
-        default="magnitude",
-        help="hosts of fakes on stars (FakeConfig.star_hosts); uniform: builder 2's sets",
+        choices=("uniform", "magnitude"),
+        default="uniform",
+        help="hosts of fakes on stars (FakeConfig.star_hosts)",
     )
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("evaluate", help="score the set and write metrics and plots")

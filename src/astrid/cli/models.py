@@ -123,6 +123,12 @@ def train(
         "FRA", "--country", help="ISO 3166 alpha-3 country of the electricity mix (emissions)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the training runs."),
+    star_hosts: str = typer.Option(
+        "uniform",
+        "--star-hosts",
+        help="Hosts of the fakes on stars: uniform (each visible star equally likely) or "
+        "magnitude (drawn uniformly in magnitude: more bright hosts).",
+    ),
     fields_seed: int | None = typer.Option(
         None,
         "--fields-seed",
@@ -142,6 +148,7 @@ def train(
     from astrid.ml.registry import ModelCardInfo
     from astrid.pipeline.real_bogus import RealBogusConfig, train_real_bogus
     from astrid.pipeline.training_set import (
+        FakeConfig,
         TrainingSetConfig,
         build_training_set,
         load_training_set,
@@ -153,11 +160,17 @@ def train(
         training_set = load_training_set(dataset)
         typer.echo(f"loaded {dataset}: {len(training_set)} examples", err=True)
     else:
+        if star_hosts not in ("uniform", "magnitude"):
+            raise typer.BadParameter(
+                f"must be uniform or magnitude, not {star_hosts!r}", param_hint="--star-hosts"
+            )
         config = TrainingSetConfig(
             name=f"real-bogus-{fields}x{pairs_per_field}"
-            + ("" if fields_seed is None else f"-seed{fields_seed}"),
+            + ("" if fields_seed is None else f"-seed{fields_seed}")
+            + ("" if star_hosts == "uniform" else f"-{star_hosts}-hosts"),
             n_fields=fields,
             pairs_per_field=pairs_per_field,
+            fakes=FakeConfig(star_hosts=star_hosts),  # type: ignore[arg-type]
         )
         if fields_seed is not None:
             config = replace(config, seed=fields_seed)

@@ -37,9 +37,10 @@ Fakes are point sources drawn with the image's PSF (the true one for simulations
 pipeline's estimate for real images) with Poisson noise, at S/N (ideal, in the
 difference) log-uniform between 3 and 200: in the science image (positive candidates:
 new sources, brightenings) or in the reference (negative ones: sources that faded),
-isolated, on galaxies (offset from the nucleus) or on stars (variables). A variable's
-host is drawn uniformly in magnitude among the visible stars, so brightenings and fades
-of a few per cent of a bright star's flux are as common as changes on faint stars.
+isolated, on galaxies (offset from the nucleus) or on stars (variables; the host is one
+of the brightest 20 % of the field's stars, each equally likely, or with
+``FakeConfig(star_hosts="magnitude")`` drawn uniformly in magnitude, so that changes of a
+few per cent of a bright star's flux are as common as changes on faint stars).
 
 Results are cached per pair (a content-addressed ``.npz`` under ``cache/``), so a
 rebuild only runs the pairs whose specification or the builder's version changed.
@@ -174,13 +175,14 @@ class FakeConfig:
         At most this many bogus candidates are kept per pair (a random subset), so
         that one badly misaligned pair's hundreds of near-identical dipoles do not
         swamp the rest.
-    star_hosts : {"magnitude", "uniform"}
+    star_hosts : {"uniform", "magnitude"}
         How the host of a fake on a star is chosen among the visible stars (the
-        brightest 20 % of the field). ``"magnitude"``: a magnitude is drawn uniformly
+        brightest 20 % of the field). ``"uniform"`` (the default, the recipe of the
+        shipped model): every visible star equally likely, which puts most variables on
+        the faint hosts, which are many. ``"magnitude"``: a magnitude is drawn uniformly
         between the brightest and the faintest of them and the star nearest to it in
         magnitude hosts the fake, so bright hosts (few in number) are as common per
-        magnitude as faint ones. ``"uniform"``: every visible star equally likely
-        (builder version 2), which puts most variables on faint hosts.
+        magnitude as faint ones (see ``docs/ml.md`` for what it changes).
     """
 
     n_fakes: tuple[int, int] = (40, 80)
@@ -190,12 +192,12 @@ class FakeConfig:
     min_separation_fwhm: float = 4.0
     match_radius_fwhm: float = 1.0
     max_bogus: int = 100
-    star_hosts: Literal["magnitude", "uniform"] = "magnitude"
+    star_hosts: Literal["uniform", "magnitude"] = "uniform"
 
     def __post_init__(self) -> None:
-        if self.star_hosts not in ("magnitude", "uniform"):
+        if self.star_hosts not in ("uniform", "magnitude"):
             raise ValueError(
-                f"star_hosts must be 'magnitude' or 'uniform', not {self.star_hosts!r}"
+                f"star_hosts must be 'uniform' or 'magnitude', not {self.star_hosts!r}"
             )
 
 
@@ -640,7 +642,7 @@ def _choose_positions(
     placement: tuple[float, float, float],
     pixel_scale: float,
     margin: float,
-    star_hosts: str = "magnitude",
+    star_hosts: str = "uniform",
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], list[str]]:
     """Fake positions (science grid) and where each sits, at least ``separation`` apart.
 

@@ -120,3 +120,12 @@ def test_negative_ztf_difference_is_turned_back(shared_data: Path, flag: str) ->
     # ZTF inverts a negative detection's difference; AstrID's convention is science minus
     # reference, so a negative detection is negative again.
     assert (centre < 0) == (flag == "f")
+
+
+def test_train_refuses_an_unknown_star_host_rule(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(tmp_path), "--fields", "3", "--star-hosts", "brightest"]
+    )
+    assert result.exit_code == 2
+    assert "--star-hosts" in result.output and "brightest" in result.output
+    assert not (tmp_path / "training").exists()

@@ -30,7 +30,7 @@ def align(
     ),
     order: int = typer.Option(3, "--order", help="Interpolation: 3 cubic (default), 1 bilinear."),
     max_wcs_error: float = typer.Option(
-        0.5, "--max-wcs-error", help="With --method auto, WCS error (pixels) before stars fix it."
+        0.15, "--max-wcs-error", help="With --method auto, WCS error (pixels) before stars fix it."
     ),
     min_stars: int = typer.Option(5, "--min-stars", help="Star pairs needed to use stars."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),

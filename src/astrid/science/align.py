@@ -158,7 +158,10 @@ class AlignConfig:
     max_wcs_error_pix : float
         In ``"auto"``, largest accepted median distance (science pixels) between the
         WCS-predicted and measured positions of matched stars before the WCS is
-        corrected with the stars.
+        corrected with the stars. ZOGY leaves a dipole on every bright star of a pair
+        misregistered by a few tenths of a pixel, so the default (0.15 px) corrects
+        such errors; it sits above the median distance that centroid noise alone gives
+        (``bench/registration.py`` measures both).
     min_matched_stars : int
         Star pairs needed for a ``"stars"`` or ``"wcs+stars"`` solution, and for
         judging the WCS in ``"auto"`` (at least 3).
@@ -190,7 +193,7 @@ class AlignConfig:
 
     method: Literal["auto", "wcs", "wcs+stars", "stars"] = "auto"
     order: Literal[1, 3] = 3
-    max_wcs_error_pix: float = 0.5
+    max_wcs_error_pix: float = 0.15
     min_matched_stars: int = 5
     match_radius_pix: float = 2.0
     max_stars: int = 50
@@ -864,18 +867,27 @@ def match_stars(
         raise StarMatchFailed(
             0, need, f"asterism matching of {len(ref)} and {len(sci)} stars: {exc}"
         ) from exc
-    matrix = np.asarray(transform.params, np.float64)
-    idx_r = idx_s = np.zeros(0, np.intp)
+    match = _refine(np.asarray(transform.params, np.float64), ref, sci, match_radius)
+    if match.n_matched < need:
+        raise StarMatchFailed(
+            match.n_matched, need, f"pairs within {match_radius} px after asterism matching"
+        )
+    return match
+
+
+def _refine(
+    matrix: NDArray[np.float64],
+    ref: NDArray[np.float64],
+    sci: NDArray[np.float64],
+    match_radius: float,
+) -> StarMatch:
+    """Least-squares refinement of ``matrix`` on mutual nearest neighbours (3 iterations)."""
     for _ in range(3):
         idx_r, idx_s = _pair_nearest(_apply(matrix, ref), sci, match_radius)
         if len(idx_r) < 3:
             break
         matrix = _fit_similarity(ref[idx_r], sci[idx_s])
     idx_r, idx_s = _pair_nearest(_apply(matrix, ref), sci, match_radius)
-    if len(idx_r) < need:
-        raise StarMatchFailed(
-            len(idx_r), need, f"pairs within {match_radius} px after asterism matching"
-        )
     return StarMatch(
         transform=matrix,
         reference_xy=ref[idx_r],
@@ -991,6 +1003,15 @@ def align_to(
             max_stars=cfg.max_stars,
         )
 
+    def correct(wcs_stars: NDArray[np.float64], sci: NDArray[np.float64]) -> StarMatch:
+        # Stars already within the pairing radius of their WCS positions are paired
+        # directly (asterism matching can fail on a few stars whose triangles are
+        # ambiguous); a larger WCS error needs the asterisms.
+        near = _refine(np.eye(3), wcs_stars, sci, cfg.match_radius_pix)
+        if near.n_matched >= max(3, cfg.min_matched_stars):
+            return near
+        return match(wcs_stars, sci)
+
     sci_xy = stars_of(science, science_stars, "science_stars")
     ref_xy = stars_of(reference, reference_stars, "reference_stars")
     # Reference stars placed on the science grid by the WCSs.
@@ -1016,10 +1037,10 @@ def align_to(
             if len(idx_w) >= max(3, cfg.min_matched_stars):
                 wcs_error = _median_distance(wcs_xy[idx_w], sci_xy[idx_s])
         if cfg.method == "wcs+stars":
-            correction = match(wcs_xy, sci_xy)
+            correction = correct(wcs_xy, sci_xy)
         elif cfg.method == "auto" and (wcs_error is None or wcs_error > cfg.max_wcs_error_pix):
             try:
-                correction = match(wcs_xy, sci_xy)
+                correction = correct(wcs_xy, sci_xy)
             except StarMatchFailed as exc:
                 correction = None  # the WCS stands
                 if wcs_error is not None:

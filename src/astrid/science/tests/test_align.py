@@ -412,6 +412,22 @@ def test_reference_without_wcs_is_aligned_by_stars() -> None:
     _assert_recovered(result, science, truth)
 
 
+def test_wcs_wrong_by_a_third_of_a_pixel_is_corrected_by_stars() -> None:
+    """Errors of a few tenths of a pixel leave ZOGY dipoles on stars: "auto" fixes them."""
+    science, reference, truth = make_pair()
+    wrong = reference.copy()
+    assert wrong.wcs is not None
+    wrong.wcs.wcs.crpix = wrong.wcs.wcs.crpix + np.array([0.24, 0.18])
+    result = align_to(science, wrong, config=AlignConfig(stars=QUICK_STARS))
+    assert result.method == "wcs+stars"
+    assert result.wcs_error_pix == pytest.approx(0.3, abs=0.06)
+    assert result.rms_pix < 0.1
+    _assert_recovered(result, science, truth)
+    lenient = align_to(science, wrong, config=AlignConfig(stars=QUICK_STARS, max_wcs_error_pix=0.5))
+    assert lenient.method == "wcs"
+    assert lenient.wcs_error_pix == pytest.approx(0.3, abs=0.06)
+
+
 def test_wcs_wrong_by_five_pixels_is_corrected_by_stars() -> None:
     science, reference, truth = make_pair()
     wrong = reference.copy()

@@ -507,12 +507,21 @@ def cmd_ztf_context(args: argparse.Namespace) -> int:
     from astrid.ml.metrics import roc_auc
 
     scorer = _scorer(args)
-    alerts = [a for a in read_alerts(args.paths) if a.survey == "ZTF" and "drb" in a.scores]
+    alerts, seen = [], set()
+    for a in read_alerts(args.paths):
+        if a.survey == "ZTF" and "drb" in a.scores and a.alert_id not in seen:
+            seen.add(a.alert_id)  # one alert shipped by two brokers counts once
+            alerts.append(a)
     ours = scorer.score(alert_input_triplets(alerts))
     real = np.array([a.scores["drb"] >= 0.5 for a in alerts])
     negative = np.array([alert_is_negative(a) for a in alerts])
     # candidate.distnr: distance to the nearest source in the reference image, arcsec
-    distnr = np.array([float(a.detection.get("distnr") or np.inf) for a in alerts])
+    distnr = np.array(
+        [
+            np.inf if a.detection.get("distnr") is None else float(a.detection["distnr"])
+            for a in alerts
+        ]
+    )
     distnr[distnr < 0] = np.inf  # -999: no reference source
     on_source = distnr < args.on_source
     rb = np.array([a.scores.get("rb", np.nan) for a in alerts], dtype=np.float64)
@@ -535,7 +544,7 @@ def cmd_ztf_context(args: argparse.Namespace) -> int:
         "on a source, positive": on_source & ~negative,
         "on a source, negative": on_source & negative,
         "drb and rb agree": agree,
-        "drb and rb disagree": ~agree,
+        "drb and rb disagree": np.isfinite(rb) & ~agree,
     }
     for name, sel in subsets.items():
         r, b = sel & real, sel & ~real
@@ -598,7 +607,8 @@ def cmd_variable_stars(args: argparse.Namespace) -> int:
     gain = 10.0  # source counts per unit of sky variance: Poisson noise of the star
     print(
         f"{scorer.model_name} version {scorer.model_version}: median score of {args.n} stamps "
-        f"per cell; a star (PSF-fit S/N in the reference) that brightened (+) or faded (-) "
+        f"per cell; a star (PSF-fit S/N in the reference, before any change) that "
+        "brightened (+) or faded (-, the reference holds the star plus the change) "
         f"by a change of the given difference S/N; Gaussian PSF FWHM {args.fwhm:g} px; sky "
         "noise 1 in the science, 0.5 in the reference, plus the star's Poisson noise"
     )

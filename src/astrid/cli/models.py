@@ -154,16 +154,20 @@ def train(
         load_training_set,
     )
 
+    if star_hosts not in ("uniform", "magnitude"):
+        raise typer.BadParameter(
+            f"must be uniform or magnitude, not {star_hosts!r}", param_hint="--star-hosts"
+        )
     root = _data_dir(data_dir)
     out = root / "training"
     if dataset is not None:
+        if star_hosts != "uniform":
+            typer.echo(
+                "--star-hosts applies to a set being built; --dataset is used as is", err=True
+            )
         training_set = load_training_set(dataset)
         typer.echo(f"loaded {dataset}: {len(training_set)} examples", err=True)
     else:
-        if star_hosts not in ("uniform", "magnitude"):
-            raise typer.BadParameter(
-                f"must be uniform or magnitude, not {star_hosts!r}", param_hint="--star-hosts"
-            )
         config = TrainingSetConfig(
             name=f"real-bogus-{fields}x{pairs_per_field}"
             + ("" if fields_seed is None else f"-seed{fields_seed}")

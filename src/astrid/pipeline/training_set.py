@@ -101,10 +101,10 @@ __all__ = [
     "simulated_pair_specs",
 ]
 
-BUILDER_VERSION = "5"
+BUILDER_VERSION = "6"
 """Version of the recipes and of the pipeline behaviour they rely on (5: WCS errors above
-0.15 px corrected with stars, ``AlignConfig.max_wcs_error_pix``); part of every cache key,
-so changing it rebuilds every pair."""
+0.15 px corrected with stars, ``AlignConfig.max_wcs_error_pix``; 6: that decision taken on
+the fitted correction); part of every cache key, so changing it rebuilds every pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
 Profile = Literal["ztf", "decam", "rubin", "generic"]

@@ -6,8 +6,8 @@ reference pixel ``(x', y') = F(x, y)``. The mapping ``F`` is one of:
 * ``"wcs"``: science pixel -> sky (science WCS) -> reference pixel (reference WCS),
   distortions (TPV, SIP) included;
 * ``"wcs+stars"``: the WCS mapping preceded by a similarity correction (shift,
-  rotation, scale) fitted to matched stars, when the WCS-predicted star positions are
-  off by more than ``max_wcs_error_pix``; the WCS distortion terms are kept;
+  rotation, scale) fitted to matched stars, when that correction moves the science grid
+  by more than ``max_wcs_error_pix``; the WCS distortion terms are kept;
 * ``"stars"``: a similarity transform alone, when a WCS is missing.
 
 Stars are matched by asterism (triangle-invariant) matching with astroalign on the
@@ -150,18 +150,20 @@ class AlignConfig:
         map corrected by a similarity transform fitted to matched stars (keeps the
         WCS distortion terms, removes a zero-point shift or rotation error).
         ``"stars"``: a similarity transform from matched stars alone. ``"auto"``:
-        without two WCSs, ``"stars"``; with them, ``"wcs+stars"`` when the median
-        offset of matched stars from their WCS-predicted positions exceeds
-        ``max_wcs_error_pix``, else ``"wcs"`` (also when too few stars match).
+        without two WCSs, ``"stars"``; with them, ``"wcs+stars"`` when the WCS is off
+        by more than ``max_wcs_error_pix`` (see there), else ``"wcs"`` (also when too
+        few stars match).
     order : {1, 3}
         Interpolation kernel: 1 bilinear (2x2 taps), 3 Keys cubic convolution (4x4 taps).
     max_wcs_error_pix : float
-        In ``"auto"``, largest accepted median distance (science pixels) between the
-        WCS-predicted and measured positions of matched stars before the WCS is
-        corrected with the stars. ZOGY leaves a dipole on every bright star of a pair
+        In ``"auto"``, largest accepted WCS error (science pixels). When the median
+        distance between the WCS-predicted and measured positions of matched stars
+        exceeds it (or cannot be measured), a similarity correction is fitted to the
+        stars, and it is applied when it moves some corner or the centre of the science
+        grid by more than this; centroid noise inflates the median distance but hardly
+        the fitted correction. ZOGY leaves a dipole on every bright star of a pair
         misregistered by a few tenths of a pixel, so the default (0.15 px) corrects
-        such errors; it sits above the median distance that centroid noise alone gives
-        (``bench/registration.py`` measures both).
+        such errors (``bench/registration.py``).
     min_matched_stars : int
         Star pairs needed for a ``"stars"`` or ``"wcs+stars"`` solution, and for
         judging the WCS in ``"auto"`` (at least 3).
@@ -802,6 +804,16 @@ def _pair_nearest(
     return idx_p[keep].astype(np.intp), np.asarray(i_pt[keep], np.intp)
 
 
+def _largest_shift(transform: NDArray[np.float64], shape: tuple[int, int]) -> float:
+    """Largest displacement (pixels) ``transform`` applies at the corners or centre of a grid."""
+    ny, nx = shape
+    points = np.array(
+        [[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1], [(nx - 1) / 2, (ny - 1) / 2]],
+        np.float64,
+    )
+    return float(np.max(np.hypot(*(_apply(transform, points) - points).T)))
+
+
 def _median_distance(a: NDArray[np.float64], b: NDArray[np.float64]) -> float:
     return float(np.median(np.hypot(a[:, 0] - b[:, 0], a[:, 1] - b[:, 1])))
 
@@ -1052,9 +1064,11 @@ def align_to(
                     )
         if correction is not None:
             wcs_error = _median_distance(correction.reference_xy, correction.science_xy)
+        # The decision rests on the fitted correction, not on the median distance (which
+        # centroid noise inflates): its largest displacement over the science grid.
         if correction is not None and (
             cfg.method == "wcs+stars"
-            or (wcs_error is not None and wcs_error > cfg.max_wcs_error_pix)
+            or _largest_shift(correction.transform, science.shape) > cfg.max_wcs_error_pix
         ):
             method = "wcs+stars"
             transform = correction.transform

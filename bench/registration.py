@@ -36,21 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from astrid.pipeline.difference import DifferenceConfig, difference_pair
-    from astrid.pipeline.training_set import TrainingSetConfig, simulated_pair_specs
-    from astrid.science.simulate import simulate_exposure, simulate_field
+    from astrid.pipeline.training_set import (
+        TrainingSetConfig,
+        simulate_pair,
+        simulated_pair_specs,
+    )
 
     config = TrainingSetConfig(seed=args.seed, n_fields=4 * args.pairs, pairs_per_field=3)
     specs = [s for s in simulated_pair_specs(config) if s.recipe == "resampled"][: args.pairs]
     pairs = []
     for spec in specs:  # as the training-set builder draws them
-        sky = simulate_field(spec.field_config, seed=spec.field_seed)
-        science = simulate_exposure(sky, spec.science, seed=spec.science_seed, epoch=1)
-        ref_sky = replace(
-            sky,
-            config=replace(spec.field_config, cosmic_ray_rate=spec.reference_cosmic_ray_rate),
-            bad_columns=sky.bad_columns if spec.reference_bad_columns else sky.bad_columns[:0],
-        )
-        reference = simulate_exposure(ref_sky, spec.reference, seed=spec.reference_seed, epoch=0)
+        science, reference = simulate_pair(spec)
         pairs.append((science.exposure, reference.exposure))
     settings = [(e, t) for e in args.errors for t in args.tolerances]
     counts = np.full((len(settings), len(pairs)), np.nan)

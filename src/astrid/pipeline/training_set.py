@@ -98,6 +98,7 @@ __all__ = [
     "run_real_pair",
     "run_simulated_pair",
     "save_training_set",
+    "simulate_pair",
     "simulated_pair_specs",
 ]
 
@@ -893,7 +894,20 @@ def _on_mask(
     return out
 
 
-def _simulate_pair(spec: SimulatedPairSpec) -> tuple[SimulatedExposure, SimulatedExposure]:
+def simulate_pair(spec: SimulatedPairSpec) -> tuple[SimulatedExposure, SimulatedExposure]:
+    """The science and reference epochs of a simulated pair, before any fake.
+
+    Parameters
+    ----------
+    spec : SimulatedPairSpec
+        The pair.
+
+    Returns
+    -------
+    science, reference : SimulatedExposure
+        The two epochs (the reference with its own cosmic-ray rate and, unless
+        ``spec.reference_bad_columns``, without the field's bad columns).
+    """
     sky: SimulatedField = simulate_field(spec.field_config, seed=spec.field_seed)
     science = simulate_exposure(sky, spec.science, seed=spec.science_seed, epoch=1)
     ref_sky = replace(
@@ -931,7 +945,7 @@ def run_simulated_pair(
     started = time.perf_counter()
     key = spec.key(config)
     cfg = _single_threaded(config or DifferenceConfig())
-    sim_science, sim_reference = _simulate_pair(spec)
+    sim_science, sim_reference = simulate_pair(spec)
     science, reference = sim_science.exposure, sim_reference.exposure
     if spec.unmask_bad_columns:
         science, reference = _unmask(science), _unmask(reference)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal, cast
@@ -29,8 +30,11 @@ def align(
         _Method.auto, "--method", help="How to map the pixels: WCS, stars, or both."
     ),
     order: int = typer.Option(3, "--order", help="Interpolation: 3 cubic (default), 1 bilinear."),
-    max_wcs_error: float = typer.Option(
-        0.15, "--max-wcs-error", help="With --method auto, WCS error (pixels) before stars fix it."
+    max_wcs_error: float | None = typer.Option(
+        None,
+        "--max-wcs-error",
+        help="With --method auto, WCS error (pixels) before stars fix it "
+        "(default: AlignConfig.max_wcs_error_pix, 0.15).",
     ),
     min_stars: int = typer.Option(5, "--min-stars", help="Star pairs needed to use stars."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -50,9 +54,10 @@ def align(
     config = AlignConfig(
         method=cast(Literal["auto", "wcs", "wcs+stars", "stars"], method.value),
         order=cast(Literal[1, 3], order),
-        max_wcs_error_pix=max_wcs_error,
         min_matched_stars=min_stars,
     )
+    if max_wcs_error is not None:
+        config = replace(config, max_wcs_error_pix=max_wcs_error)
     result = align_to(read_exposure(science), read_exposure(reference), config=config)
     write_exposure(result.aligned, output, overwrite=overwrite)
     arcsec = f" ({result.rms_arcsec:.3f} arcsec)" if result.rms_arcsec is not None else ""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import typer
 
@@ -42,6 +43,13 @@ models_app = typer.Typer(
 )
 
 _NAME_OPTION = typer.Option(DEFAULT_MODEL_NAME, "--name", help="Registered model name.")
+
+
+class _StarHosts(StrEnum):
+    """``FakeConfig.star_hosts``: how the hosts of fakes on stars are drawn."""
+
+    uniform = "uniform"
+    magnitude = "magnitude"
 
 
 def _data_dir(data_dir: Path | None) -> Path:
@@ -123,8 +131,8 @@ def train(
         "FRA", "--country", help="ISO 3166 alpha-3 country of the electricity mix (emissions)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the training runs."),
-    star_hosts: str = typer.Option(
-        "uniform",
+    star_hosts: _StarHosts = typer.Option(
+        _StarHosts.uniform,
         "--star-hosts",
         help="Hosts of the fakes on stars: uniform (each visible star equally likely) or "
         "magnitude (drawn uniformly in magnitude: more bright hosts).",
@@ -154,14 +162,10 @@ def train(
         load_training_set,
     )
 
-    if star_hosts not in ("uniform", "magnitude"):
-        raise typer.BadParameter(
-            f"must be uniform or magnitude, not {star_hosts!r}", param_hint="--star-hosts"
-        )
     root = _data_dir(data_dir)
     out = root / "training"
     if dataset is not None:
-        if star_hosts != "uniform":
+        if star_hosts is not _StarHosts.uniform:
             typer.echo(
                 "--star-hosts applies to a set being built; --dataset is used as is", err=True
             )
@@ -171,10 +175,10 @@ def train(
         config = TrainingSetConfig(
             name=f"real-bogus-{fields}x{pairs_per_field}"
             + ("" if fields_seed is None else f"-seed{fields_seed}")
-            + ("" if star_hosts == "uniform" else f"-{star_hosts}-hosts"),
+            + ("" if star_hosts is _StarHosts.uniform else f"-{star_hosts.value}-hosts"),
             n_fields=fields,
             pairs_per_field=pairs_per_field,
-            fakes=FakeConfig(star_hosts=star_hosts),  # type: ignore[arg-type]
+            fakes=FakeConfig(star_hosts=cast(Literal["uniform", "magnitude"], star_hosts.value)),
         )
         if fields_seed is not None:
             config = replace(config, seed=fields_seed)

@@ -131,6 +131,14 @@ def train(
         "FRA", "--country", help="ISO 3166 alpha-3 country of the electricity mix (emissions)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the training runs."),
+    time_reverse: float = typer.Option(
+        0.0,
+        "--time-reverse",
+        min=0.0,
+        max=1.0,
+        help="Share of the CNN's training triplets replaced by their time reverse "
+        "(science and reference swapped, difference negated, label kept).",
+    ),
     star_hosts: _StarHosts = typer.Option(
         _StarHosts.uniform,
         "--star-hosts",
@@ -207,7 +215,12 @@ def train(
             hidden=hidden,
             centre_window=centre_window,
         ),
-        cnn_training=replace(base.cnn_training, max_epochs=epochs, seed=seed),
+        cnn_training=replace(
+            base.cnn_training,
+            max_epochs=epochs,
+            seed=seed,
+            time_reverse_probability=time_reverse,
+        ),
         unet_training=replace(base.unet_training, seed=seed),
         unet=base.unet if unet else None,
         threads=threads,

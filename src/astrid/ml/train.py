@@ -63,6 +63,7 @@ __all__ = [
     "fit_temperature",
     "heatmap_target",
     "split_by_group",
+    "time_reverse",
     "train_classifier",
     "train_heatmap_model",
 ]
@@ -291,6 +292,41 @@ def augment_dihedral(
     return out, other_out
 
 
+def time_reverse(
+    images: NDArray[np.float32], rng: np.random.Generator, probability: float
+) -> NDArray[np.float32]:
+    """Replace some triplets by their time reverse: (reference, science, -difference).
+
+    A source that brightened becomes one that faded and the reverse; an artefact of the
+    science image (a cosmic ray, a trail) becomes the same artefact in the reference, with
+    the sign of its difference turned. The label is unchanged: a transient stays real and
+    an artefact bogus whichever epoch came first. Normalised planes (per-plane median and
+    MAD) transform the same way as raw ones, so this applies after normalisation.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, 3, s, s)
+        Triplets in AstrID's order: science, reference, difference.
+    rng : numpy.random.Generator
+        Source of the random choices.
+    probability : float
+        Chance that a triplet is reversed.
+
+    Returns
+    -------
+    ndarray
+        A copy with the chosen triplets reversed.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected triplets of shape (n, 3, s, s), got {images.shape}")
+    out = np.array(images, copy=True)
+    chosen = np.flatnonzero(rng.random(len(out)) < probability)
+    out[chosen, 0] = images[chosen, 1]
+    out[chosen, 1] = images[chosen, 0]
+    out[chosen, 2] = -images[chosen, 2]
+    return out
+
+
 def crop_centre(
     images: NDArray[np.float32],
     rng: np.random.Generator,
@@ -465,6 +501,9 @@ class TrainConfig:
         edge) becomes once padded to the model's size. 0 never crops.
     crop_sizes : tuple of int
         Range of the side of the kept square, pixels (inclusive).
+    time_reverse_probability : float
+        Share of training triplets replaced by their time reverse (:func:`time_reverse`:
+        science and reference swapped, difference negated, label kept). 0 never reverses.
     plateau_factor : float
         Factor the learning rate is multiplied by when the validation loss has not
         improved for ``plateau_patience`` epochs (``torch.optim.lr_scheduler.
@@ -486,6 +525,7 @@ class TrainConfig:
     pos_weight: float | None = None
     crop_probability: float = 0.0
     crop_sizes: tuple[int, int] = (25, 45)
+    time_reverse_probability: float = 0.0
     plateau_factor: float = 1.0
     plateau_patience: int = 1
     seed: int = 0
@@ -493,6 +533,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.plateau_factor <= 1.0:
             raise ValueError(f"plateau_factor must be in (0, 1], not {self.plateau_factor}")
+        if not 0.0 <= self.time_reverse_probability <= 1.0:
+            raise ValueError(
+                f"time_reverse_probability must be in [0, 1], not {self.time_reverse_probability}"
+            )
         if self.plateau_patience < 1:
             raise ValueError(f"plateau_patience must be >= 1, not {self.plateau_patience}")
 
@@ -668,6 +712,8 @@ def train_classifier(
                 x, _ = augment_dihedral(x, rng)
             if config.crop_probability > 0:
                 x = crop_centre(x, rng, config.crop_probability, config.crop_sizes)
+            if config.time_reverse_probability > 0:
+                x = time_reverse(x, rng, config.time_reverse_probability)
             return x, train.labels[idx]
 
         def validation_loss(m: nn.Module) -> float:

@@ -22,6 +22,7 @@ from astrid.ml.train import (
     fit_temperature,
     heatmap_target,
     split_by_group,
+    time_reverse,
     train_classifier,
     train_heatmap_model,
 )
@@ -95,6 +96,25 @@ def test_dihedral_gives_the_eight_symmetries_of_the_square() -> None:
     np.testing.assert_array_equal(out[:, :1], target)
     assert not np.array_equal(out, x)
     np.testing.assert_allclose(np.sort(out.ravel()), np.sort(x.ravel()))
+
+
+def test_time_reverse_swaps_epochs_and_negates_the_difference() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 3, 5, 5)).astype(np.float32)
+    out = time_reverse(x, np.random.default_rng(1), 0.5)
+    swapped = np.array([np.array_equal(o[0], i[1]) for o, i in zip(out, x, strict=True)])
+    assert 150 < swapped.sum() < 250
+    np.testing.assert_array_equal(out[swapped, 1], x[swapped, 0])
+    np.testing.assert_array_equal(out[swapped, 2], -x[swapped, 2])
+    np.testing.assert_array_equal(out[~swapped], x[~swapped])
+    # the input is left alone; reversing twice gives it back
+    assert not np.array_equal(out, x)
+    np.testing.assert_array_equal(time_reverse(time_reverse(x, rng, 1.0), rng, 1.0), x)
+    np.testing.assert_array_equal(time_reverse(x, rng, 0.0), x)
+    with pytest.raises(ValueError, match="triplets"):
+        time_reverse(x[:, :2], rng, 0.5)
+    with pytest.raises(ValueError, match="time_reverse_probability"):
+        TrainConfig(time_reverse_probability=1.5)
 
 
 def test_temperature_scaling_calibrates_an_overconfident_model() -> None:

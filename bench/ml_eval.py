@@ -191,6 +191,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "snr>=10": part.snr >= 10.0,
         "simulated, snr>=10": (part.source == "simulated") & (part.snr >= 10.0),
         "sfft-decam, snr>=10": (part.source == "sfft-decam") & (part.snr >= 10.0),
+        "positive": part.polarity > 0,
+        "negative (faded)": part.polarity < 0,
     }
     results: dict[str, Any] = {
         "model": scorer.metadata.name,

@@ -131,6 +131,20 @@ def train(
         "FRA", "--country", help="ISO 3166 alpha-3 country of the electricity mix (emissions)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the training runs."),
+    patience: int | None = typer.Option(
+        None,
+        "--patience",
+        min=1,
+        help="Epochs without a lower validation loss before the CNN stops [default: "
+        "RealBogusConfig's, 4].",
+    ),
+    plateau_patience: int | None = typer.Option(
+        None,
+        "--plateau-patience",
+        min=1,
+        help="Epochs without a lower validation loss before the CNN's learning rate is "
+        "cut [default: RealBogusConfig's, 1].",
+    ),
     time_reverse: float = typer.Option(
         0.0,
         "--time-reverse",
@@ -220,6 +234,10 @@ def train(
             max_epochs=epochs,
             seed=seed,
             time_reverse_probability=time_reverse,
+            patience=base.cnn_training.patience if patience is None else patience,
+            plateau_patience=(
+                base.cnn_training.plateau_patience if plateau_patience is None else plateau_patience
+            ),
         ),
         unet_training=replace(base.unet_training, seed=seed),
         unet=base.unet if unet else None,

@@ -129,3 +129,18 @@ def test_train_refuses_an_unknown_star_host_rule(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--star-hosts" in result.output and "brightest" in result.output
     assert not (tmp_path / "training").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--time-reverse", "1.5"), ("--plateau-patience", "0"), ("--patience", "0")],
+)
+def test_train_refuses_out_of_range_schedule_options(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(tmp_path), "--fields", "3", option, value]
+    )
+    assert result.exit_code == 2
+    assert option in result.output
+    assert not (tmp_path / "training").exists()

@@ -136,14 +136,14 @@ def train(
         "--patience",
         min=1,
         help="Epochs without a lower validation loss before the CNN stops [default: "
-        "RealBogusConfig's, 4].",
+        "RealBogusConfig's].",
     ),
     plateau_patience: int | None = typer.Option(
         None,
         "--plateau-patience",
         min=1,
         help="Epochs without a lower validation loss before the CNN's learning rate is "
-        "cut [default: RealBogusConfig's, 1].",
+        "cut [default: RealBogusConfig's].",
     ),
     time_reverse: float = typer.Option(
         0.0,

@@ -145,13 +145,14 @@ def train(
         help="Epochs without a lower validation loss before the CNN's learning rate is "
         "cut [default: RealBogusConfig's].",
     ),
-    time_reverse: float = typer.Option(
-        0.0,
+    time_reverse: float | None = typer.Option(
+        None,
         "--time-reverse",
         min=0.0,
         max=1.0,
         help="Share of the CNN's training triplets replaced by their time reverse "
-        "(science and reference swapped, difference negated, label kept).",
+        "(science and reference swapped, difference negated, label kept) [default: "
+        "RealBogusConfig's, none].",
     ),
     star_hosts: _StarHosts = typer.Option(
         _StarHosts.uniform,
@@ -220,6 +221,7 @@ def train(
     plots_dir = plots if plots is not None else out / "plots"
     base = RealBogusConfig()
     blocks = tuple(int(c) for c in block_channels.split(",") if c.strip())
+    training = base.cnn_training
     cfg = replace(
         base,
         cnn=replace(
@@ -230,13 +232,15 @@ def train(
             centre_window=centre_window,
         ),
         cnn_training=replace(
-            base.cnn_training,
+            training,
             max_epochs=epochs,
             seed=seed,
-            time_reverse_probability=time_reverse,
-            patience=base.cnn_training.patience if patience is None else patience,
+            time_reverse_probability=(
+                training.time_reverse_probability if time_reverse is None else time_reverse
+            ),
+            patience=training.patience if patience is None else patience,
             plateau_patience=(
-                base.cnn_training.plateau_patience if plateau_patience is None else plateau_patience
+                training.plateau_patience if plateau_patience is None else plateau_patience
             ),
         ),
         unet_training=replace(base.unet_training, seed=seed),

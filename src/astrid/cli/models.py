@@ -102,8 +102,8 @@ def train(
         None,
         "--shared-data",
         envvar="ASTRID_SHARED_DATA",
-        help="Shared real-data folder: its DECam pair gets fakes too [env ASTRID_SHARED_DATA; "
-        "default: simulations only].",
+        help="Shared real-data folder: its DECam pair gets fakes too (env ASTRID_SHARED_DATA; "
+        "default: simulations only).",
     ),
     fields: int = typer.Option(50, "--fields", min=3, help="Simulated fields to build."),
     pairs_per_field: int = typer.Option(3, "--pairs-per-field", min=1, help="Pairs per field."),
@@ -125,7 +125,7 @@ def train(
     unet: bool = typer.Option(True, "--unet/--no-unet", help="Also train the U-Net to compare."),
     name: str = _NAME_OPTION,
     plots: Path | None = typer.Option(
-        None, "--plots", help="Folder for the PNG plots [default <data-dir>/training/plots]."
+        None, "--plots", help="Folder for the PNG plots (default <data-dir>/training/plots)."
     ),
     country: str = typer.Option(
         "FRA", "--country", help="ISO 3166 alpha-3 country of the electricity mix (emissions)."
@@ -135,15 +135,15 @@ def train(
         None,
         "--patience",
         min=1,
-        help="Epochs without a lower validation loss before the CNN stops [default: "
-        "RealBogusConfig's].",
+        help="Epochs without a lower validation loss before the CNN stops (default: "
+        "RealBogusConfig's).",
     ),
     plateau_patience: int | None = typer.Option(
         None,
         "--plateau-patience",
         min=1,
         help="Epochs without a lower validation loss before the CNN's learning rate is "
-        "cut [default: RealBogusConfig's].",
+        "cut (default: RealBogusConfig's).",
     ),
     time_reverse: float | None = typer.Option(
         None,
@@ -151,8 +151,8 @@ def train(
         min=0.0,
         max=1.0,
         help="Share of the CNN's training triplets replaced by their time reverse "
-        "(science and reference swapped, difference negated, label kept) [default: "
-        "RealBogusConfig's, none].",
+        "(science and reference swapped, difference negated, label kept; default: "
+        "RealBogusConfig's, none).",
     ),
     star_hosts: _StarHosts = typer.Option(
         _StarHosts.uniform,
@@ -164,7 +164,7 @@ def train(
         None,
         "--fields-seed",
         help="Seed the simulated fields of the training set are drawn from; another seed "
-        "gives other fields [default: the builder's, 2024].",
+        "gives other fields (default: the builder's, 2024).",
     ),
 ) -> None:
     """Build the training set, train the CNN (and U-Net), register the CNN as challenger.
@@ -363,7 +363,7 @@ def evaluate(
         None, help="Alert sets (folders or packet files) to compare with the surveys' scores."
     ),
     model: Path | None = typer.Option(
-        None, "--model", help="A model bundle folder [default: the packaged model]."
+        None, "--model", help="A model bundle folder (default: the packaged model)."
     ),
     alias: str | None = typer.Option(
         None, "--alias", help="Use the registered version with this alias (champion, challenger)."
@@ -459,7 +459,7 @@ def score_alerts(
     ),
     output: Path = typer.Option(..., "--output", "-o", help="CSV file to write."),
     model: Path | None = typer.Option(
-        None, "--model", help="A model bundle folder [default: the packaged champion]."
+        None, "--model", help="A model bundle folder (default: the packaged champion)."
     ),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip unreadable files (listed on stderr) instead of stopping."
@@ -519,7 +519,7 @@ def list_models(data_dir: Path | None = DATA_DIR_OPTION) -> None:
 def promote(
     name: str = typer.Argument(DEFAULT_MODEL_NAME, help="Registered model name."),
     version: int | None = typer.Option(
-        None, "--version", help="Version to promote [default: the challenger]."
+        None, "--version", help="Version to promote (default: the challenger)."
     ),
     data_dir: Path | None = DATA_DIR_OPTION,
 ) -> None:

@@ -95,8 +95,8 @@ class RealBogusConfig:
     unet_training : TrainConfig
         Its optimisation (real pixels weighted up: they are ~1 % of a stamp).
     unet_max_examples : int
-        Training examples given to the U-Net at most (a random subset; it costs about
-        three times the CNN per example).
+        Training examples given to the U-Net at most (a random subset; it takes about
+        six times the CNN's training time per example).
     unet_radius : float
         Radius of the target disk at a real candidate, and of the disk a candidate's
         score is read from, in pixels.

@@ -13,8 +13,8 @@ from astrid.cli import app
 runner = CliRunner()
 
 
-def _commands(command: Any, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
-    yield path
+def _commands(command: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    yield path, command
     for name, sub in getattr(command, "commands", {}).items():
         yield from _commands(sub, (*path, name))
 
@@ -31,13 +31,12 @@ def _texts(command: Any) -> Iterator[tuple[str, str]]:
 def test_help_texts_hold_no_rich_markup_brackets() -> None:
     # Typer renders help as Rich markup: "[default: x]" in a help text is taken for a
     # markup tag and silently dropped from the printed help.
-    root: Any = typer.main.get_command(app)
-    bad = []
-    for path in _commands(root, ()):
-        command = root
-        for name in path:
-            command = command.commands[name]
-        bad += [(" ".join(path), where, text) for where, text in _texts(command) if "[" in text]
+    bad = [
+        (" ".join(path), where, text)
+        for path, command in _commands(typer.main.get_command(app), ())
+        for where, text in _texts(command)
+        if "[" in text
+    ]
     assert not bad, bad
 
 

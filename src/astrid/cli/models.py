@@ -221,7 +221,12 @@ def train(
     plots_dir = plots if plots is not None else out / "plots"
     base = RealBogusConfig()
     blocks = tuple(int(c) for c in block_channels.split(",") if c.strip())
-    training = base.cnn_training
+    # Schedule options left out keep RealBogusConfig's values.
+    schedule: dict[str, Any] = {
+        "patience": patience,
+        "plateau_patience": plateau_patience,
+        "time_reverse_probability": time_reverse,
+    }
     cfg = replace(
         base,
         cnn=replace(
@@ -232,16 +237,10 @@ def train(
             centre_window=centre_window,
         ),
         cnn_training=replace(
-            training,
+            base.cnn_training,
             max_epochs=epochs,
             seed=seed,
-            time_reverse_probability=(
-                training.time_reverse_probability if time_reverse is None else time_reverse
-            ),
-            patience=training.patience if patience is None else patience,
-            plateau_patience=(
-                training.plateau_patience if plateau_patience is None else plateau_patience
-            ),
+            **{key: value for key, value in schedule.items() if value is not None},
         ),
         unet_training=replace(base.unet_training, seed=seed),
         unet=base.unet if unet else None,

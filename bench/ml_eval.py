@@ -15,7 +15,10 @@ Two steps::
 recipes as ``astrid train`` but another seed and ``fractions=(0, 0, 1)``, so the whole
 set is the test split (``astrid evaluate --dataset`` reads it as is). ``--star-hosts
 magnitude`` draws the hosts of fakes on stars uniformly in magnitude
-(``FakeConfig.star_hosts``; the set is named ``real-bogus-eval-<seed>-magnitude-hosts``).
+(``FakeConfig.star_hosts``; the set is named ``real-bogus-eval-<seed>-magnitude-hosts``);
+``--keep-dominated`` labels real the candidates that a star's residual or another
+artefact at a fake's spot outweighs (``FakeConfig.dominated_snr=None``, builder versions
+up to 6; the name ends in ``-keep-dominated``).
 The simulated fields are drawn from ``default_rng([seed, field_index])``; ``build``
 first checks that none of the field seeds of ``--seed`` occurs among the first
 ``--check-fields`` fields of the default seed 2024, which ``astrid train`` always builds
@@ -99,9 +102,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         print("refusing: some fields coincide with the default seed's", file=sys.stderr)
         return 1
     suffix = "" if args.star_hosts == "uniform" else f"-{args.star_hosts}-hosts"
+    suffix += "-keep-dominated" if args.keep_dominated else ""
     config = TrainingSetConfig(
         name=f"real-bogus-eval-{args.seed}{suffix}",
-        fakes=FakeConfig(star_hosts=args.star_hosts),
+        fakes=FakeConfig(
+            star_hosts=args.star_hosts, dominated_snr=None if args.keep_dominated else 5.0
+        ),
         n_fields=args.fields,
         pairs_per_field=args.pairs_per_field,
         seed=args.seed,
@@ -128,6 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "n_pairs_used",
         "n_fakes_injected",
         "n_fakes_detected",
+        "n_fakes_dominated",
         "n_ambiguous_dropped",
         "content_sha256",
     )
@@ -653,6 +660,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("uniform", "magnitude"),
         default="uniform",
         help="hosts of fakes on stars (FakeConfig.star_hosts)",
+    )
+    b.add_argument(
+        "--keep-dominated",
+        action="store_true",
+        help="label real the candidates that something else at a fake's spot outweighs "
+        "(FakeConfig.dominated_snr=None, the rule of builder versions up to 6)",
     )
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("evaluate", help="score the set and write metrics and plots")

@@ -160,6 +160,13 @@ def train(
         help="Hosts of the fakes on stars: uniform (each visible star equally likely) or "
         "magnitude (drawn uniformly in magnitude: more bright hosts).",
     ),
+    keep_dominated: bool = typer.Option(
+        False,
+        "--keep-dominated",
+        help="Label real the candidates on a fake that something else at its spot (a "
+        "star's residual, a dipole lobe) outweighs; by default they are left out "
+        "(FakeConfig.dominated_snr).",
+    ),
     fields_seed: int | None = typer.Option(
         None,
         "--fields-seed",
@@ -188,9 +195,11 @@ def train(
     root = _data_dir(data_dir)
     out = root / "training"
     if dataset is not None:
-        if star_hosts is not _StarHosts.uniform:
+        if star_hosts is not _StarHosts.uniform or keep_dominated:
             typer.echo(
-                "--star-hosts applies to a set being built; --dataset is used as is", err=True
+                "--star-hosts and --keep-dominated apply to a set being built; --dataset is "
+                "used as is",
+                err=True,
             )
         training_set = load_training_set(dataset)
         typer.echo(f"loaded {dataset}: {len(training_set)} examples", err=True)
@@ -198,10 +207,14 @@ def train(
         config = TrainingSetConfig(
             name=f"real-bogus-{fields}x{pairs_per_field}"
             + ("" if fields_seed is None else f"-seed{fields_seed}")
-            + ("" if star_hosts is _StarHosts.uniform else f"-{star_hosts.value}-hosts"),
+            + ("" if star_hosts is _StarHosts.uniform else f"-{star_hosts.value}-hosts")
+            + ("-keep-dominated" if keep_dominated else ""),
             n_fields=fields,
             pairs_per_field=pairs_per_field,
-            fakes=FakeConfig(star_hosts=cast(Literal["uniform", "magnitude"], star_hosts.value)),
+            fakes=FakeConfig(
+                star_hosts=cast(Literal["uniform", "magnitude"], star_hosts.value),
+                dominated_snr=None if keep_dominated else FakeConfig().dominated_snr,
+            ),
         )
         if fields_seed is not None:
             config = replace(config, seed=fields_seed)
@@ -270,7 +283,9 @@ def train(
             "pairs (ZTF-, DECam-, Rubin-like and generic detectors, PSF FWHM ~1.2-6 px) and "
             "on the real DECam pair of the sfft test data. Real: fakes injected before "
             "subtraction into the science (positive) or the reference (negative), isolated, "
-            "on galaxies or on stars, matched within 1 FWHM. Bogus: everything else detected "
+            "on galaxies or on stars, matched within 1 FWHM (unless the set was built with "
+            "--keep-dominated, a match that a star's residual or another artefact at the "
+            "spot outweighs is left out). Bogus: everything else detected "
             "on pairs without transients, with cosmic rays, saturated stars, unmasked bad "
             "columns, satellite trails, 0.3-1 px misalignment and PSF mismatch. Split by "
             "field; the test split "

@@ -15,7 +15,11 @@ before any normalisation. Its label says what is under it:
   rays, bad columns, image edges, PSF-mismatch rings, noise.
 
 Candidates close to a fake but not matched to it (a second peak in a bright fake's wing,
-the wrong polarity) are ambiguous and left out.
+the wrong polarity) are ambiguous and left out, and so are candidates matched to a fake
+that something else at the same spot outweighs (a star's subtraction residual, a
+misalignment dipole's lobe, a cosmic ray): the candidate would be there without the
+fake, and most of what it shows is not the fake (``dominated_snr`` of
+:func:`label_candidates`).
 
 Examples are grouped by *field* (one simulated sky or one real patch of sky): every
 epoch of a field shares its stars, galaxies and defects, so splits assign whole fields
@@ -72,14 +76,19 @@ class CandidateLabels:
     labels : ndarray of int8, shape (n_candidates,)
         :data:`REAL`, :data:`BOGUS` or :data:`AMBIGUOUS` per candidate.
     fake_index : ndarray of intp, shape (n_candidates,)
-        Index of the matched fake for real candidates; -1 otherwise.
+        Index of the matched fake for real candidates and for those left out as
+        dominated by something else; -1 otherwise.
     detected : ndarray of bool, shape (n_fakes,)
-        Whether each fake was matched by a candidate.
+        Whether each fake was matched by a candidate (a dominated one included).
+    dominated : ndarray of bool, shape (n_fakes,)
+        Whether each fake's matched candidate was left out as dominated by something
+        other than the fake (always False when ``dominated_snr`` is None).
     """
 
     labels: NDArray[np.int8]
     fake_index: NDArray[np.intp]
     detected: NDArray[np.bool_]
+    dominated: NDArray[np.bool_]
 
 
 def label_candidates(
@@ -92,6 +101,9 @@ def label_candidates(
     match_radius: ArrayLike,
     *,
     ambiguous_factor: float = 2.0,
+    candidate_snr: ArrayLike | None = None,
+    fake_snr: ArrayLike | None = None,
+    dominated_snr: float | None = None,
 ) -> CandidateLabels:
     """Label candidates real, bogus or ambiguous by their distance to injected fakes.
 
@@ -100,6 +112,14 @@ def label_candidates(
     once; the matched candidates are real. An unmatched candidate within
     ``ambiguous_factor * match_radius`` of any fake (either polarity) is ambiguous;
     every other candidate is bogus.
+
+    With ``dominated_snr``, a matched candidate is ambiguous instead of real when the
+    part of its measured S/N that the fake does not explain, ``|candidate_snr| -
+    fake_snr``, is at least ``dominated_snr`` (it alone would be detected) and at least
+    the fake's own S/N (it outweighs the fake): a fake on a star whose residual or
+    dipole lobe the pipeline finds anyway. With ``dominated_snr=5``, a fake of S/N 3
+    measured at S/N 7 and one of S/N 20 measured at 30 stay real; one of S/N 4 measured
+    at 9 does not (a 5-sigma upward fluctuation of the noise alone would be needed).
 
     Parameters
     ----------
@@ -116,6 +136,13 @@ def label_candidates(
         Matching radius of each fake, pixels (one science FWHM at its position).
     ambiguous_factor : float
         Unmatched candidates closer than this many match radii to a fake are ambiguous.
+    candidate_snr : array_like, shape (n,), optional
+        Measured S/N of the candidates (sign ignored); needed with ``dominated_snr``.
+    fake_snr : array_like, shape (m,), optional
+        Ideal S/N of the fakes in the difference; needed with ``dominated_snr``.
+    dominated_snr : float or None
+        S/N not explained by the fake above which (and above the fake's own) a matched
+        candidate is ambiguous; None keeps every matched candidate real.
 
     Returns
     -------
@@ -135,11 +162,19 @@ def label_candidates(
     radius = np.broadcast_to(np.asarray(match_radius, dtype=np.float64), fx.shape)
     if ambiguous_factor < 1:
         raise ValueError(f"ambiguous_factor must be at least 1, not {ambiguous_factor}")
+    if dominated_snr is not None:
+        if candidate_snr is None or fake_snr is None:
+            raise ValueError("dominated_snr needs candidate_snr and fake_snr")
+        measured = np.abs(np.asarray(candidate_snr, dtype=np.float64).reshape(-1))
+        injected = np.asarray(fake_snr, dtype=np.float64).reshape(-1)
+        if len(measured) != len(cx) or len(injected) != len(fx):
+            raise ValueError("candidate_snr or fake_snr differs in length from positions")
     labels = np.full(len(cx), BOGUS, dtype=np.int8)
     fake_index = np.full(len(cx), -1, dtype=np.intp)
     detected = np.zeros(len(fx), dtype=bool)
+    dominated = np.zeros(len(fx), dtype=bool)
     if len(cx) == 0 or len(fx) == 0:
-        return CandidateLabels(labels, fake_index, detected)
+        return CandidateLabels(labels, fake_index, detected, dominated)
     tree = cKDTree(np.column_stack([cx, cy]))
     reach = float(np.max(radius)) * ambiguous_factor
     pairs: list[tuple[float, int, int]] = []
@@ -158,7 +193,15 @@ def label_candidates(
         detected[j] = True
         labels[i] = REAL
     labels[(labels != REAL) & near] = AMBIGUOUS
-    return CandidateLabels(labels, fake_index, detected)
+    if dominated_snr is not None:
+        real = np.flatnonzero(labels == REAL)
+        own = injected[fake_index[real]]
+        excess = measured[real] - own
+        # NaN S/N (a failed fit) compares False: the candidate stays real.
+        out = (excess >= dominated_snr) & (excess >= own)
+        labels[real[out]] = AMBIGUOUS
+        dominated[fake_index[real[out]]] = True
+    return CandidateLabels(labels, fake_index, detected, dominated)
 
 
 def assign_splits(
@@ -260,9 +303,13 @@ class TrainingSet:
         Science pixel scale, arcsec per pixel.
     fakes : dict of str to ndarray
         Every fake injected, detected or not, for the completeness of the whole chain:
-        ``group``, ``split``, ``snr``, ``polarity``, ``detected`` and ``masked`` (its
-        pixel is in the subtraction's mask, where detection does not look), one value
-        per fake. Sets built before ``masked`` existed lack it.
+        ``group``, ``split``, ``snr``, ``polarity``, ``detected``, ``masked`` (its
+        pixel is in the subtraction's mask, where detection does not look),
+        ``measured_snr`` (the matched candidate's ``|snr|``, NaN when undetected),
+        ``dominated`` (its candidate was left out as outweighed by something else) and
+        ``where`` (``"isolated"``, ``"galaxy"`` or ``"star"``), one value per fake. Sets
+        of older builders lack the columns added after them (``masked``: version 2; the
+        last three: version 7).
     """
 
     triplets: NDArray[np.float32]

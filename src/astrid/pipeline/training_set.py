@@ -102,10 +102,13 @@ __all__ = [
     "simulated_pair_specs",
 ]
 
-BUILDER_VERSION = "6"
+BUILDER_VERSION = "7"
 """Version of the recipes and of the pipeline behaviour they rely on (5: WCS errors above
 0.15 px corrected with stars, ``AlignConfig.max_wcs_error_pix``; 6: that decision taken on
-the fitted correction); part of every cache key, so changing it rebuilds every pair."""
+the fitted correction; 7: candidates that something else at a fake's spot outweighs are
+left out, ``FakeConfig.dominated_snr``, and the fakes table records each fake's measured
+S/N, placement and whether it was outweighed); part of every cache key, so changing it
+rebuilds every pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
 Profile = Literal["ztf", "decam", "rubin", "generic"]
@@ -186,6 +189,13 @@ class FakeConfig:
         between the brightest and the faintest of them and the star nearest to it in
         magnitude hosts the fake, so bright hosts (few in number) are as common per
         magnitude as faint ones (see ``docs/ml.md`` for what it changes).
+    dominated_snr : float or None
+        A candidate matched to a fake is left out (ambiguous, not real) when the part of
+        its measured S/N that the fake does not explain reaches this and the fake's own
+        S/N: a star's residual or a dipole lobe that the pipeline detects anyway and
+        that outweighs the fake (:func:`astrid.ml.dataset.label_candidates`). The
+        default is the detection threshold, 5; None labels every matched candidate real
+        (the rule of builder versions up to 6).
     """
 
     n_fakes: tuple[int, int] = (40, 80)
@@ -196,12 +206,15 @@ class FakeConfig:
     match_radius_fwhm: float = 1.0
     max_bogus: int = 100
     star_hosts: Literal["uniform", "magnitude"] = "uniform"
+    dominated_snr: float | None = 5.0
 
     def __post_init__(self) -> None:
         if self.star_hosts not in ("uniform", "magnitude"):
             raise ValueError(
                 f"star_hosts must be 'uniform' or 'magnitude', not {self.star_hosts!r}"
             )
+        if self.dominated_snr is not None and not self.dominated_snr > 0:
+            raise ValueError(f"dominated_snr must be positive or None, not {self.dominated_snr}")
 
 
 @dataclass(frozen=True)
@@ -590,7 +603,8 @@ class PairOutcome:
     arrays : dict of str to ndarray
         Per-example columns (``triplets``, ``labels``, ``kind``, ``snr``, ``polarity``,
         ``fwhm``, ``pixel_scale``) and per-fake ones (``fake_snr``, ``fake_polarity``,
-        ``fake_detected``, ``fake_masked``); empty when skipped.
+        ``fake_detected``, ``fake_masked``, ``fake_measured_snr``, ``fake_dominated``,
+        ``fake_where``); empty when skipped.
     n_candidates : int
         Candidates the pipeline found.
     n_ambiguous : int
@@ -829,6 +843,7 @@ def _examples(
     cx = np.asarray(getattr(cands["x"], "value", cands["x"]), float)
     cy = np.asarray(getattr(cands["y"], "value", cands["y"]), float)
     polarity = np.asarray(cands["polarity"], np.int8)
+    measured = np.abs(np.asarray(cands["snr"], float))
     fake_fwhm = np.array([psf.fwhm_at(a, b) for a, b in zip(fakes.x, fakes.y, strict=True)])
     labelled = label_candidates(
         cx,
@@ -838,7 +853,14 @@ def _examples(
         fakes.y,
         fakes.polarity,
         cfg.match_radius_fwhm * fake_fwhm if len(fake_fwhm) else 1.0,
+        candidate_snr=measured,
+        fake_snr=fakes.snr,
+        dominated_snr=cfg.dominated_snr,
     )
+    # Each fake's matched candidate's measured S/N (NaN where none matched).
+    fake_measured = np.full(len(fakes.x), np.nan)
+    matched = labelled.fake_index >= 0
+    fake_measured[labelled.fake_index[matched]] = measured[matched]
     keep = labelled.labels != AMBIGUOUS
     bogus = np.flatnonzero(labelled.labels == 0)
     if not keep_bogus:
@@ -850,7 +872,7 @@ def _examples(
     triplets = np.stack([cut.science[idx], cut.reference[idx], cut.difference[idx]], axis=1)
     labels = labelled.labels[idx]
     match = labelled.fake_index[idx]
-    snr = np.abs(np.asarray(cands["snr"], float))[idx]
+    snr = measured[idx]
     real = labels == 1
     snr[real] = fakes.snr[match[real]]
     kinds = np.array(
@@ -873,6 +895,9 @@ def _examples(
         "fake_polarity": fakes.polarity.astype(np.int8),
         "fake_detected": labelled.detected,
         "fake_masked": _on_mask(result.subtraction.mask, fakes.x, fakes.y),
+        "fake_measured_snr": fake_measured,
+        "fake_dominated": labelled.dominated,
+        "fake_where": np.asarray(fakes.where, dtype=str).reshape(-1),
     }
     return arrays, len(cands), int(np.sum(labelled.labels == AMBIGUOUS))
 
@@ -1271,6 +1296,9 @@ def _assemble(outcomes: Sequence[PairOutcome], config: TrainingSetConfig) -> Tra
         "polarity": np.concatenate([o.arrays["fake_polarity"] for o in used]),
         "detected": np.concatenate([o.arrays["fake_detected"] for o in used]),
         "masked": np.concatenate([o.arrays["fake_masked"] for o in used]),
+        "measured_snr": np.concatenate([o.arrays["fake_measured_snr"] for o in used]),
+        "dominated": np.concatenate([o.arrays["fake_dominated"] for o in used]),
+        "where": np.concatenate([o.arrays["fake_where"] for o in used]),
     }
 
     def cat(name: str) -> NDArray[Any]:
@@ -1317,6 +1345,7 @@ def _manifest(
         "n_fakes_injected": len(fakes.get("snr", ())),
         "n_fakes_detected": int(np.sum(fakes.get("detected", np.zeros(0, bool)))),
         "n_fakes_masked": int(np.sum(fakes.get("masked", np.zeros(0, bool)))),
+        "n_fakes_dominated": int(np.sum(fakes.get("dominated", np.zeros(0, bool)))),
         "pair_seconds": round(float(sum(o.seconds for o in outcomes)), 1),
         "build_seconds": round(seconds, 1),
         **training_set.counts(),

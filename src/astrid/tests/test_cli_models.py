@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from astrid.cli import app
 from astrid.ml.alerts import read_alerts
+from astrid.ml.dataset import TrainingSet
 from astrid.ml.evaluate import alert_input_triplets
 from astrid.ml.models import TripletCnn, TripletCnnConfig
 from astrid.ml.registry import CHAMPION, ModelRegistry, RegistryConfig
@@ -144,3 +145,74 @@ def test_train_refuses_out_of_range_schedule_options(
     assert result.exit_code == 2
     assert option in result.output
     assert not (tmp_path / "training").exists()
+
+
+def _small_training_set(path: Path) -> Path:
+    """A small saved training set: a PSF-like blob on noise (real) or noise (bogus)."""
+    from astrid.pipeline.training_set import save_training_set
+
+    rng = np.random.default_rng(5)
+    n = 96
+    triplets = rng.normal(0.0, 1.0, (n, 3, 63, 63)).astype(np.float32)
+    labels = np.arange(n) % 2
+    yy, xx = np.mgrid[:63, :63]
+    blob = 8.0 * np.exp(-((xx - 31) ** 2 + (yy - 31) ** 2) / 4.5)
+    triplets[labels == 1, 0] += blob
+    triplets[labels == 1, 2] += blob
+    groups = np.array([f"sim-{i % 12:04d}" for i in range(n)])
+    split = np.array([0 if i % 12 < 8 else 1 if i % 12 < 10 else 2 for i in range(n)])
+    data = TrainingSet(
+        triplets=triplets,
+        labels=labels,
+        groups=groups,
+        split=split,
+        source=np.full(n, "simulated"),
+        kind=np.full(n, "resampled"),
+        snr=np.full(n, 20.0),
+        polarity=np.ones(n, np.int8),
+        fwhm=np.full(n, 2.5),
+        pixel_scale=np.full(n, 1.0),
+    )
+    return save_training_set(data, path)
+
+
+def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
+    dataset = _small_training_set(tmp_path / "small.npz")
+    data_dir = tmp_path / "data"
+    common = ["train", "--dataset", str(dataset), "--data-dir", str(data_dir)]
+    common += (
+        "--no-unet --threads 1 --epochs 2 --seed 3 --stem-channels 4 --block-channels 4,8 "
+        "--hidden 8 --centre-window 0"
+    ).split()
+    schedule = "--patience 5 --plateau-patience 3 --time-reverse 0.25".split()
+    result = runner.invoke(app, common + schedule)
+    assert result.exit_code == 0, result.output
+    assert "registered real_bogus version 1 as challenger" in result.output
+    registry = ModelRegistry(RegistryConfig.local(data_dir / "mlflow"))
+    version = registry.client.get_model_version("real_bogus", "1")
+    assert version.run_id is not None
+    params = registry.client.get_run(version.run_id).data.params
+    expected = {
+        "train_max_epochs": "2",
+        "train_seed": "3",
+        "train_patience": "5",
+        "train_plateau_patience": "3",
+        "train_time_reverse_probability": "0.25",
+        "model_stem_channels": "4",
+        "model_block_channels": "(4, 8)",
+        "model_hidden": "8",
+        "model_centre_window": "0",
+    }
+    assert {k: params.get(k) for k in expected} == expected
+    # Options left out keep RealBogusConfig's values.
+    from astrid.pipeline.real_bogus import RealBogusConfig
+
+    base = RealBogusConfig().cnn_training
+    default = runner.invoke(app, [*common, "--name", "plain"])
+    assert default.exit_code == 0, default.output
+    plain = registry.client.get_model_version("plain", "1")
+    assert plain.run_id is not None
+    params = registry.client.get_run(plain.run_id).data.params
+    assert params["train_patience"] == str(base.patience)
+    assert params["train_plateau_patience"] == str(base.plateau_patience)
+    assert params["train_time_reverse_probability"] == str(base.time_reverse_probability)

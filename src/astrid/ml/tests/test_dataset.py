@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,37 @@ def test_labels_by_hand() -> None:
     assert labelled.labels.tolist() == [REAL, AMBIGUOUS, AMBIGUOUS, BOGUS, AMBIGUOUS, REAL]
     assert labelled.fake_index.tolist() == [0, -1, -1, -1, -1, 2]
     assert labelled.detected.tolist() == [True, False, True]
+
+
+def test_candidates_outweighed_by_something_else_are_ambiguous() -> None:
+    # Four fakes, each matched by one candidate; S/N injected / measured:
+    # 3 / 7 (noise lifted it: real), 4 / 9 (5 unexplained, more than the fake: left out),
+    # 20 / 30 (10 unexplained but less than the fake: real), 8 / 40 (a star's residual).
+    fx = [10.0, 30.0, 50.0, 70.0]
+    kwargs: dict[str, Any] = {
+        "candidate_x": fx,
+        "candidate_y": [10.0] * 4,
+        "candidate_polarity": [1, -1, 1, 1],
+        "fake_x": fx,
+        "fake_y": [10.0] * 4,
+        "fake_polarity": [1, -1, 1, 1],
+        "match_radius": 2.0,
+        "candidate_snr": [7.0, -9.0, 30.0, 40.0],
+        "fake_snr": [3.0, 4.0, 20.0, 8.0],
+    }
+    labelled = label_candidates(**kwargs, dominated_snr=5.0)
+    assert labelled.labels.tolist() == [REAL, AMBIGUOUS, REAL, AMBIGUOUS]
+    assert labelled.fake_index.tolist() == [0, 1, 2, 3]
+    assert labelled.detected.tolist() == [True] * 4
+    assert labelled.dominated.tolist() == [False, True, False, True]
+    # Without the rule every matched candidate is real.
+    plain = label_candidates(**kwargs)
+    assert plain.labels.tolist() == [REAL] * 4 and not plain.dominated.any()
+    # A NaN measurement (a failed fit) keeps the candidate real.
+    kwargs["candidate_snr"] = [np.nan, -9.0, 30.0, 40.0]
+    assert label_candidates(**kwargs, dominated_snr=5.0).labels[0] == REAL
+    with pytest.raises(ValueError, match="needs candidate_snr"):
+        label_candidates(fx, [10.0] * 4, [1] * 4, fx, [10.0] * 4, [1] * 4, 2.0, dominated_snr=5.0)
 
 
 def test_labels_without_fakes_or_candidates() -> None:

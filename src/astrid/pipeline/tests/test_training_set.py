@@ -196,3 +196,47 @@ def test_variable_star_hosts_uniform_in_magnitude() -> None:
     assert np.median(by_mag) < np.median(uniform) - 1.5
     with pytest.raises(ValueError, match="star_hosts"):
         FakeConfig(star_hosts="brightest")  # type: ignore[arg-type]
+
+
+def test_fakes_outweighed_by_a_star_residual_are_left_out(
+    built: tuple[TrainingSet, dict, Path], tmp_path: Path
+) -> None:
+    # Faint fakes on the stars of a pair misaligned by a pixel: each star leaves a
+    # dipole the pipeline finds with or without the fake.
+    base = _spec("sim-c", "misaligned", 40)
+    spec = replace(
+        base,
+        science=replace(base.science, dx=1.0, dy=0.6),
+        fakes=FakeConfig(n_fakes=(12, 12), snr_range=(3.0, 6.0), placement=(0.0, 0.0, 1.0)),
+    )
+    kept = replace(spec, fakes=replace(spec.fakes, dominated_snr=None))
+    config = TrainingSetConfig(
+        name="stars",
+        fractions=(1.0, 0.0, 0.0),
+        real_pairs=False,
+        difference=few_star_difference_config(),
+    )
+    with threadpool_limits(1):
+        ruled, manifest = build_training_set(config, tmp_path, specs=[spec])
+        plain, _ = build_training_set(replace(config, name="plain"), tmp_path, specs=[kept])
+    fakes = ruled.fakes
+    dominated = fakes["dominated"]
+    assert manifest["n_fakes_dominated"] == int(dominated.sum()) > 0
+    assert set(fakes["where"].tolist()) == {"star"}
+    # A dominated fake was matched, and its candidate measures far more than the fake.
+    assert np.all(fakes["detected"][dominated])
+    excess = fakes["measured_snr"][dominated] - fakes["snr"][dominated]
+    assert np.all(excess >= np.maximum(5.0, fakes["snr"][dominated]))
+    assert np.all(np.isnan(fakes["measured_snr"][~fakes["detected"]]))
+    # Without the rule the same candidates are real; nothing else changes.
+    assert int(np.sum(plain.labels == REAL)) == int(np.sum(ruled.labels == REAL)) + int(
+        dominated.sum()
+    )
+    assert int(np.sum(plain.labels == BOGUS)) == int(np.sum(ruled.labels == BOGUS))
+    assert not plain.fakes["dominated"].any()
+    # On the earlier pairs (fakes anywhere), a detected fake's measured S/N follows the
+    # injected one.
+    earlier = built[0].fakes
+    bright = earlier["detected"] & (earlier["snr"] >= 20) & (earlier["where"] == "isolated")
+    ratio = earlier["measured_snr"][bright] / earlier["snr"][bright]
+    assert bright.sum() >= 5 and 0.8 < np.median(ratio) < 1.2

@@ -56,6 +56,13 @@ classifiers agree (``drb`` and ``rb`` on the same side of 0.5) or disagree::
     python bench/ml_eval.py ztf-context ../shared/data/ztf_alerts_fink_broker \
         ../shared/data/ztf_alerts_kowalski ../shared/data/ztf_alerts_ampel [--model BUNDLE]
 
+``real-pair-sources`` runs the real DECam pairs of the training set without fakes and
+groups their candidates by sky position: a source found with several exposures of both
+visits changed in the sky, and the builder leaves its candidates out instead of calling
+them bogus (``SFFT_DECAM_KNOWN_SOURCES``)::
+
+    python bench/ml_eval.py real-pair-sources --shared-data ../shared/data [--model BUNDLE]
+
 ``agreement`` pools sets of the per-alert CSV that ``astrid evaluate --scores-csv``
 writes and compares our score with the packets' ``drb``, ``rb`` and ``reliability``
 (:func:`astrid.ml.evaluate.score_agreement`), e.g. only the unfiltered ZTF sets::
@@ -470,6 +477,91 @@ def _plots(
     print(f"wrote ml_roc.png, ml_completeness.png, ml_reliability.png, ml_scores.png to {folder}")
 
 
+def cmd_real_pair_sources(args: argparse.Namespace) -> int:
+    """Candidates of the real DECam pairs without fakes, grouped by sky position."""
+    import warnings
+
+    from astropy.coordinates import SkyCoord
+
+    from astrid.io.fits import read_exposure
+    from astrid.pipeline.difference import DifferenceConfig, difference_pair
+    from astrid.pipeline.training_set import (
+        SFFT_DECAM_KNOWN_SOURCES,
+        TrainingSetConfig,
+        few_star_difference_config,
+        real_pair_specs,
+    )
+
+    scorer = _scorer(args)
+    folder = Path(args.shared_data)
+    config = few_star_difference_config(DifferenceConfig())
+    specs = [s for s in real_pair_specs(TrainingSetConfig(real_runs=1)) if s.group == "sfft-decam"]
+    found: list[tuple[str, str, float, float, int, float, float]] = []
+    for spec in specs:
+        sci, ref = Path(spec.science).stem, Path(spec.reference).stem
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                result = difference_pair(
+                    read_exposure(folder / spec.science),
+                    read_exposure(folder / spec.reference),
+                    aligned=spec.aligned,
+                    config=config,
+                )
+            except Exception as exc:  # a refused pair is reported, not fatal
+                print(f"{sci} - {ref}: {type(exc).__name__}: {exc}")
+                continue
+        c, cut = result.candidates, result.cutouts
+        scores = scorer.score(np.stack([cut.science, cut.reference, cut.difference], axis=1))
+        print(f"{sci} - {ref}: {len(c)} candidates")
+        for k in range(len(c)):
+            found.append(
+                (
+                    sci,
+                    ref,
+                    float(c["ra"][k].value),
+                    float(c["dec"][k].value),
+                    int(c["polarity"][k]),
+                    float(c["snr"][k]),
+                    float(scores[k]),
+                )
+            )
+    if not found:
+        return 1
+    sky = SkyCoord([f[2] for f in found], [f[3] for f in found], unit="deg")
+    known = SkyCoord(*np.asarray(SFFT_DECAM_KNOWN_SOURCES).T, unit="deg")
+    left = set(range(len(found)))
+    print("sky positions with candidates in more than one pair (1 arcsec), most pairs first:")
+    groups = []
+    while left:
+        i = min(left)
+        near = [j for j in left if sky[i].separation(sky[j]).arcsec < 1.0]
+        left -= set(near)
+        groups.append(near)
+    for near in sorted(groups, key=len, reverse=True):
+        if len(near) < 2:
+            continue
+        science = {found[j][0] for j in near}
+        reference = {found[j][1] for j in near}
+        centre = SkyCoord(
+            np.mean([found[j][2] for j in near]), np.mean([found[j][3] for j in near]), unit="deg"
+        )
+        flag = "  KNOWN SOURCE" if np.min(centre.separation(known).arcsec) < 1.0 else ""
+        snr = [abs(found[j][5]) for j in near]
+        print(
+            f"  RA {centre.ra.deg:.6f} Dec {centre.dec.deg:.6f}: {len(near)} pairs, "
+            f"{len(science)} science and {len(reference)} reference exposures, polarity "
+            f"{sorted({found[j][4] for j in near})}, |S/N| {min(snr):.1f}-{max(snr):.1f}, "
+            f"score {min(found[j][6] for j in near):.3f}-{max(found[j][6] for j in near):.3f}"
+            f"{flag}"
+        )
+    print(
+        "A source found with several science AND several reference exposures is in the sky: "
+        "no artefact of one exposure repeats across independent exposures of both visits."
+    )
+    return 0
+
+
 def cmd_agreement(args: argparse.Namespace) -> int:
     from astropy.table import Table
 
@@ -668,6 +760,14 @@ def main(argv: list[str] | None = None) -> int:
         "(FakeConfig.dominated_snr=None, the rule of builder versions up to 6)",
     )
     b.set_defaults(func=cmd_build)
+    r = sub.add_parser(
+        "real-pair-sources",
+        help="candidates of the real DECam pairs without fakes, grouped by sky position",
+    )
+    r.add_argument("--shared-data", default="../shared/data", help="shared data folder")
+    r.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    r.add_argument("--threads", type=int, default=2)
+    r.set_defaults(func=cmd_real_pair_sources)
     e = sub.add_parser("evaluate", help="score the set and write metrics and plots")
     e.add_argument("dataset", help="the .npz written by build")
     e.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")

@@ -69,7 +69,7 @@ from scipy import ndimage
 from astrid import __version__
 from astrid.errors import AstridError
 from astrid.exposure import Exposure, MaskBit
-from astrid.ml.dataset import AMBIGUOUS, TrainingSet, assign_splits, label_candidates
+from astrid.ml.dataset import AMBIGUOUS, BOGUS, TrainingSet, assign_splits, label_candidates
 from astrid.pipeline.difference import DifferenceConfig, DifferenceResult, difference_pair
 from astrid.pipeline.injection import ideal_difference_snr
 from astrid.science.psf_model import PsfModel
@@ -87,6 +87,7 @@ from astrid.science.subtract import SubtractConfig
 
 __all__ = [
     "BUILDER_VERSION",
+    "SFFT_DECAM_KNOWN_SOURCES",
     "PairOutcome",
     "RealPairSpec",
     "SimulatedPairSpec",
@@ -102,13 +103,15 @@ __all__ = [
     "simulated_pair_specs",
 ]
 
-BUILDER_VERSION = "7"
+BUILDER_VERSION = "8"
 """Version of the recipes and of the pipeline behaviour they rely on (5: WCS errors above
 0.15 px corrected with stars, ``AlignConfig.max_wcs_error_pix``; 6: that decision taken on
 the fitted correction; 7: candidates that something else at a fake's spot outweighs are
 left out, ``FakeConfig.dominated_snr``, and the fakes table records each fake's measured
-S/N, placement and whether it was outweighed); part of every cache key, so changing it
-rebuilds every pair."""
+S/N, placement and whether it was outweighed; 8: candidates on a source of a real pair
+that changed between its visits are left out, not labelled bogus,
+``RealPairSpec.known_sources``); part of every cache key, so changing it rebuilds every
+pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
 Profile = Literal["ztf", "decam", "rubin", "generic"]
@@ -121,6 +124,15 @@ _PLACEMENTS = ("isolated", "galaxy", "star")
 
 #: Images of the sfft DECam test data, relative to the shared data folder.
 _SFFT = "images_sfft_decam/input_data/DEC-OBS{visit}{exposure}.mini.fits"
+
+#: Sources of the sfft DECam cut-outs that changed between the two visits (RA, Dec in
+#: degrees). The pair pipeline finds this one, at the centre of the cut-outs, in all ten
+#: exposure pairs (every exposure of visit OBS04 against two of visit OBS18: independent
+#: noise, cosmic rays and seeing), brighter in OBS04, at S/N 13-23 and within 0.07
+#: arcsec of one position: an astrophysical change, not an artefact
+#: (``bench/ml_eval.py real-pair-sources`` repeats the check). Builder versions up to 7
+#: labelled its candidates bogus.
+SFFT_DECAM_KNOWN_SOURCES: tuple[tuple[float, float], ...] = ((318.108232, -66.015712),)
 
 #: Same-band pairs of the Legacy Surveys test cut-outs (science, reference).
 _LEGACY = "images_legacypipe/"
@@ -360,6 +372,10 @@ class RealPairSpec:
         Fakes to draw.
     seed : int
         Seed of the fakes.
+    known_sources : tuple of (float, float)
+        Sky positions (RA, Dec, degrees) of sources that changed between the two
+        epochs: real astrophysical changes that no fake explains. A candidate within two
+        FWHM of one is left out (ambiguous), not labelled bogus.
     """
 
     group: str
@@ -372,6 +388,7 @@ class RealPairSpec:
     keep_bogus: bool
     fakes: FakeConfig
     seed: int
+    known_sources: tuple[tuple[float, float], ...] = ()
 
     def key(self, data_dir: Path) -> str:
         """Cache key: the specification, the two files' sizes and :data:`BUILDER_VERSION`."""
@@ -562,6 +579,7 @@ def real_pair_specs(config: TrainingSetConfig) -> list[RealPairSpec]:
                         keep_bogus=run == 0,
                         fakes=replace(config.fakes, n_fakes=(25, 35)),
                         seed=config.seed + 1000 * i + 100 * letters.index(reference) + run,
+                        known_sources=SFFT_DECAM_KNOWN_SOURCES,
                     )
                 )
     for k, (group, science_path, reference_path) in enumerate(LEGACY_PAIRS):
@@ -835,8 +853,14 @@ def _examples(
     pixel_scale: float,
     rng: np.random.Generator,
     keep_bogus: bool = True,
+    known_x: NDArray[np.float64] | None = None,
+    known_y: NDArray[np.float64] | None = None,
 ) -> tuple[dict[str, NDArray[Any]], int, int]:
-    """Label the candidates of a pair and collect their raw triplets and columns."""
+    """Label the candidates of a pair and collect their raw triplets and columns.
+
+    Bogus candidates within two FWHM of a known changed source (``known_x``,
+    ``known_y``: science-grid positions) are left out as ambiguous.
+    """
     cands = result.candidates
     psf = result.science.exposure.psf
     assert psf is not None
@@ -861,8 +885,14 @@ def _examples(
     fake_measured = np.full(len(fakes.x), np.nan)
     matched = labelled.fake_index >= 0
     fake_measured[labelled.fake_index[matched]] = measured[matched]
-    keep = labelled.labels != AMBIGUOUS
-    bogus = np.flatnonzero(labelled.labels == 0)
+    all_labels = labelled.labels.copy()
+    if known_x is not None and known_y is not None and len(known_x) and len(cx):
+        cand_fwhm = np.array([psf.fwhm_at(a, b) for a, b in zip(cx, cy, strict=True)])
+        near = np.min(np.hypot(cx[:, None] - known_x, cy[:, None] - known_y), axis=1)
+        on_known = (all_labels == BOGUS) & (near <= 2.0 * cand_fwhm)
+        all_labels[on_known] = AMBIGUOUS
+    keep = all_labels != AMBIGUOUS
+    bogus = np.flatnonzero(all_labels == BOGUS)
     if not keep_bogus:
         keep[bogus] = False
     elif len(bogus) > cfg.max_bogus:
@@ -870,7 +900,7 @@ def _examples(
     idx = np.flatnonzero(keep)
     cut = result.cutouts
     triplets = np.stack([cut.science[idx], cut.reference[idx], cut.difference[idx]], axis=1)
-    labels = labelled.labels[idx]
+    labels = all_labels[idx]
     match = labelled.fake_index[idx]
     snr = measured[idx]
     real = labels == 1
@@ -899,7 +929,7 @@ def _examples(
         "fake_dominated": labelled.dominated,
         "fake_where": np.asarray(fakes.where, dtype=str).reshape(-1),
     }
-    return arrays, len(cands), int(np.sum(labelled.labels == AMBIGUOUS))
+    return arrays, len(cands), int(np.sum(all_labels == AMBIGUOUS))
 
 
 def _on_mask(
@@ -1103,6 +1133,7 @@ def run_real_pair(
             )
     except AstridError as exc:
         return skipped(exc)
+    known_x, known_y = _known_positions(result.science.exposure, spec.known_sources)
     arrays, n_candidates, n_ambiguous = _examples(
         result,
         fakes,
@@ -1111,6 +1142,8 @@ def run_real_pair(
         pixel_scale=scale,
         rng=rng,
         keep_bogus=spec.keep_bogus,
+        known_x=known_x,
+        known_y=known_y,
     )
     return PairOutcome(
         key,
@@ -1122,6 +1155,27 @@ def run_real_pair(
         n_ambiguous,
         time.perf_counter() - started,
     )
+
+
+def _known_positions(
+    exposure: Exposure, sources: Sequence[tuple[float, float]]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Pixel positions on ``exposure``'s grid of sky positions (RA, Dec in degrees).
+
+    Raises
+    ------
+    AstridError
+        If there are sources but the exposure has no WCS to place them.
+    """
+    if not sources:
+        return np.zeros(0), np.zeros(0)
+    if exposure.wcs is None:
+        raise AstridError("known sources of a real pair need the science image's WCS")
+    from astropy.coordinates import SkyCoord
+
+    ra, dec = np.asarray(sources, np.float64).T
+    x, y = exposure.wcs.world_to_pixel(SkyCoord(ra, dec, unit="deg"))
+    return np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
 
 
 def _pixel_scale(exposure: Exposure) -> float:

@@ -12,12 +12,15 @@ from threadpoolctl import threadpool_limits
 
 from astrid.ml.dataset import BOGUS, REAL, TrainingSet
 from astrid.pipeline.training_set import (
+    SFFT_DECAM_KNOWN_SOURCES,
     FakeConfig,
     SimulatedPairSpec,
     TrainingSetConfig,
     build_training_set,
     few_star_difference_config,
     load_training_set,
+    real_pair_specs,
+    run_real_pair,
     simulated_pair_specs,
 )
 from astrid.science.simulate import EpochConditions, FieldConfig
@@ -240,3 +243,27 @@ def test_fakes_outweighed_by_a_star_residual_are_left_out(
     bright = earlier["detected"] & (earlier["snr"] >= 20) & (earlier["where"] == "isolated")
     ratio = earlier["measured_snr"][bright] / earlier["snr"][bright]
     assert bright.sum() >= 5 and 0.8 < np.median(ratio) < 1.2
+
+
+def test_a_source_that_changed_between_real_visits_is_not_bogus(shared_data: Path) -> None:
+    # The sfft DECam pair holds a source that brightened between the visits (found in
+    # every exposure pair); its candidate is left out, the rest of the pair is unchanged.
+    spec = next(
+        s
+        for s in real_pair_specs(TrainingSetConfig(real_runs=1))
+        if s.group == "sfft-decam" and s.science.endswith("04a.mini.fits")
+    )
+    assert spec.known_sources == SFFT_DECAM_KNOWN_SOURCES and spec.keep_bogus
+    with threadpool_limits(1):
+        ruled = run_real_pair(spec, shared_data)
+        plain = run_real_pair(replace(spec, known_sources=()), shared_data)
+    assert ruled.status == plain.status == "ok"
+    labels, plain_labels = ruled.arrays["labels"], plain.arrays["labels"]
+    assert np.sum(plain_labels == BOGUS) == np.sum(labels == BOGUS) + 1
+    assert np.sum(plain_labels == REAL) == np.sum(labels == REAL) > 0
+    assert ruled.n_ambiguous == plain.n_ambiguous + 1
+    # The one left out is the positive source at the stamp centre.
+    kept = {t.tobytes() for t in ruled.arrays["triplets"]}
+    gone = [i for i, t in enumerate(plain.arrays["triplets"]) if t.tobytes() not in kept]
+    assert len(gone) == 1 and plain_labels[gone[0]] == BOGUS
+    assert plain.arrays["polarity"][gone[0]] == 1 and plain.arrays["snr"][gone[0]] > 10

@@ -28,10 +28,12 @@ Simulated pairs (:class:`SimulatedPairSpec`)
 Real pairs (:class:`RealPairSpec`)
     The DECam pair of the sfft test data (exposures of two visits resampled onto one
     grid, yet offset by about 0.6 px, so the pipeline registers them with their stars:
-    builder version 4; version 3 took them as aligned and every star left a dipole). The
-    Legacy Surveys test cut-outs are tried too but hold 0-2 stars, so the pipeline refuses
-    them (:class:`~astrid.errors.TooFewStarsForPsf`); they are listed in the manifest as
-    skipped with that reason.
+    builder version 4; version 3 took them as aligned and every star left a dipole). A
+    source at the centre of its cut-outs changed between the visits; its candidates are
+    left out rather than called bogus (:data:`SFFT_DECAM_KNOWN_SOURCES`, builder version
+    8). The Legacy Surveys test cut-outs are tried too but hold 0-2 stars, so the
+    pipeline refuses them (:class:`~astrid.errors.TooFewStarsForPsf`); they are listed in
+    the manifest as skipped with that reason.
 
 Fakes are point sources drawn with the image's PSF (the true one for simulations, the
 pipeline's estimate for real images) with Poisson noise, at S/N (ideal, in the
@@ -40,7 +42,10 @@ new sources, brightenings) or in the reference (negative ones: sources that fade
 isolated, on galaxies (offset from the nucleus) or on stars (variables; the host is one
 of the brightest 20 % of the field's stars, each equally likely, or with
 ``FakeConfig(star_hosts="magnitude")`` drawn uniformly in magnitude, so that changes of a
-few per cent of a bright star's flux are as common as changes on faint stars).
+few per cent of a bright star's flux are as common as changes on faint stars). A
+candidate on a fake that something else at the spot outweighs (a star's residual, a
+dipole lobe) is left out, not labelled real (``FakeConfig.dominated_snr``, builder
+version 7).
 
 Results are cached per pair (a content-addressed ``.npz`` under ``cache/``), so a
 rebuild only runs the pairs whose specification or the builder's version changed.

@@ -113,7 +113,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     config = TrainingSetConfig(
         name=f"real-bogus-eval-{args.seed}{suffix}",
         fakes=FakeConfig(
-            star_hosts=args.star_hosts, dominated_snr=None if args.keep_dominated else 5.0
+            star_hosts=args.star_hosts,
+            dominated_snr=None if args.keep_dominated else FakeConfig().dominated_snr,
         ),
         n_fields=args.fields,
         pairs_per_field=args.pairs_per_field,
@@ -539,7 +540,7 @@ def cmd_real_pair_sources(args: argparse.Namespace) -> int:
         left -= set(near)
         groups.append(near)
     for near in sorted(groups, key=len, reverse=True):
-        if len(near) < 2:
+        if len({(found[j][0], found[j][1]) for j in near}) < 2:
             continue
         science = {found[j][0] for j in near}
         reference = {found[j][1] for j in near}
@@ -548,8 +549,9 @@ def cmd_real_pair_sources(args: argparse.Namespace) -> int:
         )
         flag = "  KNOWN SOURCE" if np.min(centre.separation(known).arcsec) < 1.0 else ""
         snr = [abs(found[j][5]) for j in near]
+        pairs = {(found[j][0], found[j][1]) for j in near}
         print(
-            f"  RA {centre.ra.deg:.6f} Dec {centre.dec.deg:.6f}: {len(near)} pairs, "
+            f"  RA {centre.ra.deg:.6f} Dec {centre.dec.deg:.6f}: {len(pairs)} pairs, "
             f"{len(science)} science and {len(reference)} reference exposures, polarity "
             f"{sorted({found[j][4] for j in near})}, |S/N| {min(snr):.1f}-{max(snr):.1f}, "
             f"score {min(found[j][6] for j in near):.3f}-{max(found[j][6] for j in near):.3f}"

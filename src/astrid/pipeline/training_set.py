@@ -115,7 +115,8 @@ the fitted correction; 7: candidates that something else at a fake's spot outwei
 left out, ``FakeConfig.dominated_snr``, and the fakes table records each fake's measured
 S/N, placement and whether it was outweighed; 8: candidates on a source of a real pair
 that changed between its visits are left out, not labelled bogus,
-``RealPairSpec.known_sources``); part of every cache key, so changing it rebuilds every
+``RealPairSpec.known_sources``, which changes real pairs only, though every pair is
+rebuilt); part of every cache key, so changing it rebuilds every
 pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
@@ -1136,9 +1137,9 @@ def run_real_pair(
             result = difference_pair(
                 injected_science, injected_reference, aligned=spec.aligned, config=cfg
             )
+            known_x, known_y = _known_positions(result.science.exposure, spec.known_sources)
     except AstridError as exc:
         return skipped(exc)
-    known_x, known_y = _known_positions(result.science.exposure, spec.known_sources)
     arrays, n_candidates, n_ambiguous = _examples(
         result,
         fakes,
@@ -1166,6 +1167,18 @@ def _known_positions(
     exposure: Exposure, sources: Sequence[tuple[float, float]]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Pixel positions on ``exposure``'s grid of sky positions (RA, Dec in degrees).
+
+    Parameters
+    ----------
+    exposure : Exposure
+        The image whose grid the positions are wanted on (its WCS places them).
+    sources : sequence of (float, float)
+        RA and Dec of each source, degrees.
+
+    Returns
+    -------
+    x, y : ndarray of float64
+        0-based pixel positions, one per source (empty when there are none).
 
     Raises
     ------

@@ -208,8 +208,10 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     from astrid.pipeline.real_bogus import RealBogusConfig
 
     base = RealBogusConfig().cnn_training
-    default = runner.invoke(app, [*common, "--name", "plain"])
+    # --keep-dominated applies to a set being built: with --dataset it is refused aloud.
+    default = runner.invoke(app, [*common, "--name", "plain", "--keep-dominated"])
     assert default.exit_code == 0, default.output
+    assert "--keep-dominated apply to a set being built" in default.output
     plain = registry.client.get_model_version("plain", "1")
     assert plain.run_id is not None
     params = registry.client.get_run(plain.run_id).data.params

@@ -484,18 +484,15 @@ def cmd_real_pair_sources(args: argparse.Namespace) -> int:
 
     from astropy.coordinates import SkyCoord
 
-    from astrid.io.fits import read_exposure
-    from astrid.pipeline.difference import DifferenceConfig, difference_pair
+    from astrid.errors import AstridError
     from astrid.pipeline.training_set import (
         SFFT_DECAM_KNOWN_SOURCES,
         TrainingSetConfig,
-        few_star_difference_config,
+        real_pair_baseline,
         real_pair_specs,
     )
 
     scorer = _scorer(args)
-    folder = Path(args.shared_data)
-    config = few_star_difference_config(DifferenceConfig())
     specs = [s for s in real_pair_specs(TrainingSetConfig(real_runs=1)) if s.group == "sfft-decam"]
     found: list[tuple[str, str, float, float, int, float, float]] = []
     for spec in specs:
@@ -503,13 +500,8 @@ def cmd_real_pair_sources(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                result = difference_pair(
-                    read_exposure(folder / spec.science),
-                    read_exposure(folder / spec.reference),
-                    aligned=spec.aligned,
-                    config=config,
-                )
-            except Exception as exc:  # a refused pair is reported, not fatal
+                _, _, result = real_pair_baseline(spec, args.shared_data)
+            except AstridError as exc:  # a refused pair is reported, not fatal
                 print(f"{sci} - {ref}: {type(exc).__name__}: {exc}")
                 continue
         c, cut = result.candidates, result.cutouts
@@ -536,11 +528,13 @@ def cmd_real_pair_sources(args: argparse.Namespace) -> int:
     groups = []
     while left:
         i = min(left)
-        near = [j for j in left if sky[i].separation(sky[j]).arcsec < 1.0]
+        close = sky.separation(sky[i]).arcsec < 1.0
+        near = [j for j in sorted(left) if close[j]]
         left -= set(near)
         groups.append(near)
     for near in sorted(groups, key=len, reverse=True):
-        if len({(found[j][0], found[j][1]) for j in near}) < 2:
+        pairs = {(found[j][0], found[j][1]) for j in near}
+        if len(pairs) < 2:
             continue
         science = {found[j][0] for j in near}
         reference = {found[j][1] for j in near}
@@ -549,7 +543,6 @@ def cmd_real_pair_sources(args: argparse.Namespace) -> int:
         )
         flag = "  KNOWN SOURCE" if np.min(centre.separation(known).arcsec) < 1.0 else ""
         snr = [abs(found[j][5]) for j in near]
-        pairs = {(found[j][0], found[j][1]) for j in near}
         print(
             f"  RA {centre.ra.deg:.6f} Dec {centre.dec.deg:.6f}: {len(pairs)} pairs, "
             f"{len(science)} science and {len(reference)} reference exposures, polarity "

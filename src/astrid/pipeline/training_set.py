@@ -100,6 +100,7 @@ __all__ = [
     "build_training_set",
     "few_star_difference_config",
     "load_training_set",
+    "real_pair_baseline",
     "real_pair_specs",
     "run_real_pair",
     "run_simulated_pair",
@@ -1065,6 +1066,49 @@ def run_simulated_pair(
     )
 
 
+def _real_pair_config(spec: RealPairSpec, config: DifferenceConfig | None) -> DifferenceConfig:
+    """Pipeline options of a real pair: the few-star ones where it needs them, one thread."""
+    cfg = config or DifferenceConfig()
+    if spec.few_stars:
+        cfg = few_star_difference_config(cfg)
+    return _single_threaded(cfg)
+
+
+def real_pair_baseline(
+    spec: RealPairSpec, data_dir: str | Path, *, config: DifferenceConfig | None = None
+) -> tuple[Exposure, Exposure, DifferenceResult]:
+    """Read a real pair and run the pair pipeline on it as it is, without fakes.
+
+    Parameters
+    ----------
+    spec : RealPairSpec
+        The pair.
+    data_dir : str or Path
+        The shared data folder the spec's paths are relative to.
+    config : DifferenceConfig or None
+        Pipeline options, as for :func:`run_real_pair`.
+
+    Returns
+    -------
+    science, reference : Exposure
+        The two images as read.
+    baseline : DifferenceResult
+        The pipeline's result on them: what is there before any fake.
+
+    Raises
+    ------
+    AstridError
+        When the pipeline refuses the pair.
+    """
+    from astrid.io.fits import read_exposure
+
+    folder = Path(data_dir)
+    science = read_exposure(folder / spec.science)
+    reference = read_exposure(folder / spec.reference)
+    cfg = _real_pair_config(spec, config)
+    return science, reference, difference_pair(science, reference, aligned=spec.aligned, config=cfg)
+
+
 def run_real_pair(
     spec: RealPairSpec, data_dir: str | Path, *, config: DifferenceConfig | None = None
 ) -> PairOutcome:
@@ -1089,15 +1133,10 @@ def run_real_pair(
     PairOutcome
         The examples, or a ``skipped`` status with the typed error.
     """
-    from astrid.io.fits import read_exposure
-
     started = time.perf_counter()
     folder = Path(data_dir)
     key = spec.key(folder)
-    cfg = config or DifferenceConfig()
-    if spec.few_stars:
-        cfg = few_star_difference_config(cfg)
-    cfg = _single_threaded(cfg)
+    cfg = _real_pair_config(spec, config)
     source = spec.source
 
     def skipped(exc: Exception) -> PairOutcome:
@@ -1113,9 +1152,7 @@ def run_real_pair(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            science = read_exposure(folder / spec.science)
-            reference = read_exposure(folder / spec.reference)
-            baseline = difference_pair(science, reference, aligned=spec.aligned, config=cfg)
+            science, reference, baseline = real_pair_baseline(spec, folder, config=config)
             psf_n = baseline.science.exposure.psf
             psf_r = baseline.reference.exposure.psf
             assert psf_n is not None and psf_r is not None

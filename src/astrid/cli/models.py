@@ -3,7 +3,7 @@
 ``astrid train`` builds (or loads) the training set, trains the triplet CNN and the
 heat-map U-Net, measures them on held-out fields, logs both runs to MLflow and registers
 the CNN as the ``challenger``. ``astrid evaluate`` measures a model on the held-out set
-and on real alert packets. ``astrid models list|promote|rollback|export`` manage the
+and on real alert packets. ``astrid models list|promote|rollback|export|combine`` manage the
 registered versions (``promote`` makes the challenger the ``champion``). ``astrid
 score-alerts`` scores alert packets with the model shipped in the package, or another
 bundle.
@@ -570,3 +570,125 @@ def export(
     """
     target = _registry(data_dir).export_bundle(name, output, alias=alias, version=version)
     typer.echo(f"wrote {name} ({'version ' + str(version) if version else alias}) to {target}")
+
+
+@models_app.command("combine")
+@friendly_errors
+def combine(
+    bundles: list[Path] = typer.Argument(..., help="Bundle folders of the member networks."),
+    dataset: Path = typer.Option(
+        ...,
+        "--dataset",
+        help="Training-set .npz the members were trained on: its validation split fits the "
+        "temperature, its test split measures the result.",
+    ),
+    views: str = typer.Option(
+        "0",
+        "--views",
+        help="Dihedral views to average over, comma-separated (0-3: rotation by k x 90 "
+        "degrees; 4-7: transpose, then rotate by k - 4); each costs one pass per member.",
+    ),
+    other_builds: bool = typer.Option(
+        False,
+        "--other-builds",
+        help="Accept members trained on another build of the same fields (same seed and "
+        "split, e.g. by an earlier builder version), whose content hash differs.",
+    ),
+    register: bool = typer.Option(
+        True, "--register/--no-register", help="Register the result as the challenger."
+    ),
+    name: str = _NAME_OPTION,
+    data_dir: Path | None = DATA_DIR_OPTION,
+) -> None:
+    """Average trained networks (and rotations of the stamps) into one calibrated model.
+
+    The logit is the mean over members and views; the temperature is fitted on the
+    validation split and the metrics measured on the test split, from raw cutouts as in
+    production. Prints the validation loss to choose between ensembles by, and registers
+    the result as the challenger unless --no-register.
+    """
+    from astrid.ml.models import TripletCnn
+    from astrid.ml.registry import ModelCardInfo
+    from astrid.ml.serve import load_bundle
+    from astrid.pipeline.real_bogus import combine_real_bogus
+    from astrid.pipeline.training_set import load_training_set
+
+    try:
+        view_list = [int(v) for v in views.split(",") if v.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--views takes integers 0-7: {exc}") from exc
+    members = []
+    for path in bundles:
+        network, meta = load_bundle(path)
+        if not isinstance(network, TripletCnn):
+            raise typer.BadParameter(
+                f"{path} holds a {meta.architecture}; combine the single networks it was made of"
+            )
+        members.append((network, meta))
+    training_set = load_training_set(dataset)
+    digest = training_set.content_hash()
+    foreign = [
+        f"{meta.name} version {meta.version} ({(meta.dataset_hash or 'unknown')[:12]})"
+        for _, meta in members
+        if meta.dataset_hash != digest
+    ]
+    if foreign and not other_builds:
+        raise typer.BadParameter(
+            f"{', '.join(foreign)} trained on other data than {dataset.name} "
+            f"({digest[:12]}); a member that saw its validation or test fields would bias "
+            "the calibration and the metrics. If the members were trained on another build "
+            "of the same fields and split, pass --other-builds."
+        )
+    for line in foreign:
+        typer.echo(f"note: {line} was trained on another build of these fields", err=True)
+    outcome = combine_real_bogus(members, training_set, views=view_list)
+    metrics = outcome.test.as_dict("test_")
+    for source, m in outcome.test_by_source.items():
+        metrics.update(m.as_dict(f"test_{source.replace('>=', '_ge_')}_"))
+    metrics["validation_nll"] = outcome.validation_nll
+    lines = [
+        f"{len(members)} member(s) x {len(view_list)} view(s) = {outcome.model.n_passes} "
+        f"passes per triplet; T = {outcome.temperature:.4f}; validation NLL "
+        f"{outcome.validation_nll:.5f}"
+    ]
+    rows = {"all test": outcome.test, **outcome.test_by_source}
+    lines += _metric_lines("held-out test fields:", rows)
+    if register:
+        member_names = [
+            f"{meta.name} v{meta.version} ({meta.weights_sha256[:12]})" for _, meta in members
+        ]
+        params: dict[str, Any] = {
+            "architecture": "TripletCnnEnsemble",
+            "members": "; ".join(member_names),
+            "member_dataset_sha256": "; ".join(
+                (meta.dataset_hash or "unknown")[:16] for _, meta in members
+            ),
+            "views": ",".join(map(str, view_list)),
+            "passes_per_triplet": outcome.model.n_passes,
+            "temperature": round(outcome.temperature, 6),
+        }
+        card = ModelCardInfo(
+            data=(
+                f"Not trained: the mean logit of {len(members)} trained network(s) "
+                f"({', '.join(member_names)}) over the dihedral view(s) {view_list} of the "
+                "stamps. Temperature fitted on the validation split, metrics on the test "
+                f"split of the training set {digest[:16]}."
+            )
+        )
+        version = _registry(data_dir).register(
+            outcome.model,
+            name=name,
+            temperature=outcome.temperature,
+            normalisation=outcome.normalisation,
+            normalisation_clip=outcome.normalisation_clip,
+            params=params,
+            metrics=_finite(metrics),
+            dataset_sha256=digest,
+            card=card,
+            run_name="TripletCnnEnsemble",
+        )
+        lines.insert(
+            0, f"registered {name} version {version.version} as challenger (run {version.run_id})"
+        )
+    for line in lines:
+        typer.echo(line)

@@ -21,6 +21,7 @@ records.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,10 @@ __all__ = [
     "HeatmapUNet",
     "TripletCnn",
     "TripletCnnConfig",
+    "TripletCnnEnsemble",
     "UNetConfig",
     "count_parameters",
+    "dihedral_tensor",
     "fuse_batch_norm",
     "heatmap_scores",
     "predict_heatmap",
@@ -159,6 +162,84 @@ class TripletCnn(nn.Module):
             centre = features[:, :, y0 : y0 + window, x0 : x0 + window]
             parts += [centre.mean(dim=(2, 3)), centre.amax(dim=(2, 3))]
         return self.head(torch.cat(parts, dim=1)).squeeze(1)
+
+
+def dihedral_tensor(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Apply one of the 8 symmetries of the square to the last two axes of a tensor.
+
+    The same transform as :func:`astrid.ml.train.dihedral` on arrays: 0-3 rotate by ``k``
+    times 90 degrees; 4-7 transpose first, then rotate by ``k - 4`` times 90 degrees.
+    """
+    if not 0 <= k < 8:
+        raise ValueError(f"k must be in 0..7, not {k}")
+    out = x.transpose(-1, -2) if k >= 4 else x
+    return torch.rot90(out, k % 4, dims=(-2, -1)) if k % 4 else out
+
+
+class TripletCnnEnsemble(nn.Module):
+    """Mean logit of one or more :class:`TripletCnn` over symmetries of the input.
+
+    Every member scores every view (a rotation or reflection of the stamps, see
+    :func:`dihedral_tensor`), and the logits are averaged: ``members x views`` network
+    passes per triplet. Averaging independently trained networks (an ensemble) or the
+    views of one network (test-time augmentation) lowers the variance of the score; the
+    networks were trained with every flip and rotation, so each view is an input they know.
+
+    Parameters
+    ----------
+    members : sequence of TripletCnn
+        Networks taking the same input shape.
+    views : sequence of int
+        Dihedral transforms (0-7, distinct) applied to the input; ``(0,)`` is the input
+        as given.
+
+    Notes
+    -----
+    ``config`` is the first member's, so code that asks a classifier for its input
+    shape (``in_channels``, ``cutout_size``) treats the ensemble like one network.
+    """
+
+    def __init__(self, members: Sequence[TripletCnn], views: Sequence[int] = (0,)) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        shapes = {(m.config.in_channels, m.config.cutout_size) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"members take different inputs (channels, size): {sorted(shapes)}")
+        views = tuple(int(k) for k in views)
+        if not views or len(set(views)) != len(views) or not all(0 <= k < 8 for k in views):
+            raise ValueError(f"views must be distinct integers in 0..7, not {views}")
+        self.members = nn.ModuleList(members)
+        self.views = views
+
+    @property
+    def config(self) -> TripletCnnConfig:
+        """The first member's configuration (input shape)."""
+        first = self.members[0]
+        assert isinstance(first, TripletCnn)
+        return first.config
+
+    @property
+    def member_configs(self) -> tuple[TripletCnnConfig, ...]:
+        """Each member's configuration."""
+        return tuple(m.config for m in self.members if isinstance(m, TripletCnn))
+
+    @property
+    def n_passes(self) -> int:
+        """Network passes per triplet: members times views."""
+        return len(self.members) * len(self.views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for k in self.views:
+            view = dihedral_tensor(x, k)
+            if k:
+                view = view.contiguous(memory_format=torch.channels_last)
+            for member in self.members:
+                logits = member(view)
+                total = logits if total is None else total + logits
+        assert total is not None
+        return total / self.n_passes
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from astrid.errors import ModelNotAvailable
-from astrid.ml.models import TripletCnn
+from astrid.ml.models import TripletCnn, TripletCnnEnsemble
 from astrid.ml.serve import ModelMetadata, Scorer, save_model_bundle
 
 __all__ = [
@@ -581,7 +581,7 @@ class ModelRegistry:
 
     def register(
         self,
-        model: TripletCnn,
+        model: TripletCnn | TripletCnnEnsemble,
         *,
         name: str,
         temperature: float,
@@ -604,8 +604,8 @@ class ModelRegistry:
 
         Parameters
         ----------
-        model : TripletCnn
-            Trained network.
+        model : TripletCnn or TripletCnnEnsemble
+            Trained network, or an ensemble of them.
         name : str
             Registered model name (created if new).
         temperature : float

@@ -3,8 +3,10 @@
 A *model bundle* is a folder with two files:
 
 ``weights.pt``
-    The :class:`~astrid.ml.models.TripletCnn` ``state_dict``, written by :func:`torch.save`
-    and read back with ``weights_only=True`` (tensors only, no pickled code).
+    The network's ``state_dict`` (a :class:`~astrid.ml.models.TripletCnn`, or a
+    :class:`~astrid.ml.models.TripletCnnEnsemble` whose logit is the mean over several
+    networks and views of the stamps), written by :func:`torch.save` and read back with
+    ``weights_only=True`` (tensors only, no pickled code).
 ``metadata.json``
     :class:`ModelMetadata`: name, version, architecture and its config, the calibration
     temperature, the name of the input normalisation, the evaluation metrics, the content
@@ -36,9 +38,16 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.special import expit
 
 from astrid.errors import BadImageShape, ModelNotAvailable
-from astrid.ml.models import TripletCnn, TripletCnnConfig, fuse_batch_norm, predict_logits
+from astrid.ml.models import (
+    TripletCnn,
+    TripletCnnConfig,
+    TripletCnnEnsemble,
+    fuse_batch_norm,
+    predict_logits,
+)
 
 __all__ = [
+    "ARCHITECTURES",
     "BUNDLE_FORMAT_VERSION",
     "METADATA_FILE",
     "NORMALISATIONS",
@@ -46,6 +55,7 @@ __all__ = [
     "ModelMetadata",
     "Scorer",
     "ShadowScores",
+    "load_bundle",
     "packaged_model_path",
     "save_model_bundle",
     "shadow_score",
@@ -100,9 +110,11 @@ class ModelMetadata:
     normalisation_clip : float or None
         ``clip`` passed to the normalisation; None does not clip.
     architecture : str
-        Network class; only ``"TripletCnn"`` is served.
+        Network class: ``"TripletCnn"`` or ``"TripletCnnEnsemble"``.
     model_config : dict
-        Fields of :class:`~astrid.ml.models.TripletCnnConfig`.
+        For a ``TripletCnn``, the fields of :class:`~astrid.ml.models.TripletCnnConfig`;
+        for a ``TripletCnnEnsemble``, ``{"members": [<those fields>, ...], "views":
+        [<dihedral transforms>]}``.
     metrics : dict of str to float
         Evaluation metrics on the test split (AUC, FNR at 1 % FPR, ECE...).
     dataset_hash : str or None
@@ -138,13 +150,60 @@ class ModelMetadata:
         return cls(**data)
 
     def cnn_config(self) -> TripletCnnConfig:
-        """The :class:`~astrid.ml.models.TripletCnnConfig` recorded in ``model_config``."""
-        config = dict(self.model_config)
-        # Bundles written before the centre window existed pooled the whole map only.
-        config.setdefault("centre_window", 0)
-        if "block_channels" in config:
-            config["block_channels"] = tuple(config["block_channels"])
-        return TripletCnnConfig(**config)
+        """The :class:`~astrid.ml.models.TripletCnnConfig` of a ``TripletCnn`` bundle."""
+        if self.architecture != TripletCnn.__name__:
+            raise ValueError(f"a {self.architecture} has no single TripletCnnConfig")
+        return _cnn_config(self.model_config)
+
+    def build_network(self) -> TripletCnn | TripletCnnEnsemble:
+        """An untrained network of the recorded architecture, ready for the weights.
+
+        Raises
+        ------
+        ValueError
+            If the architecture is unknown or its config malformed.
+        """
+        if self.architecture == TripletCnn.__name__:
+            return TripletCnn(self.cnn_config())
+        if self.architecture == TripletCnnEnsemble.__name__:
+            config = self.model_config
+            members = config.get("members")
+            if not isinstance(members, list) or not members:
+                raise ValueError("a TripletCnnEnsemble config needs a non-empty 'members' list")
+            return TripletCnnEnsemble(
+                [TripletCnn(_cnn_config(m)) for m in members], views=config.get("views", [0])
+            )
+        raise ValueError(
+            f"unknown architecture {self.architecture!r}; known: {sorted(ARCHITECTURES)}"
+        )
+
+
+ARCHITECTURES = (TripletCnn.__name__, TripletCnnEnsemble.__name__)
+"""Networks a bundle may hold."""
+
+
+def _cnn_config(raw: Mapping[str, Any]) -> TripletCnnConfig:
+    config = dict(raw)
+    # Bundles written before the centre window existed pooled the whole map only.
+    config.setdefault("centre_window", 0)
+    if "block_channels" in config:
+        config["block_channels"] = tuple(config["block_channels"])
+    return TripletCnnConfig(**config)
+
+
+def _config_dict(config: TripletCnnConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["block_channels"] = list(out["block_channels"])
+    return out
+
+
+def _model_config(model: TripletCnn | TripletCnnEnsemble) -> dict[str, Any]:
+    if isinstance(model, TripletCnnEnsemble):
+        return {
+            "members": [_config_dict(c) for c in model.member_configs],
+            "views": list(model.views),
+        }
+    return _config_dict(model.config)
 
 
 def _sha256(path: Path) -> str:
@@ -157,7 +216,7 @@ def _sha256(path: Path) -> str:
 
 def save_model_bundle(
     directory: str | Path,
-    model: TripletCnn,
+    model: TripletCnn | TripletCnnEnsemble,
     *,
     name: str,
     version: str,
@@ -173,9 +232,9 @@ def save_model_bundle(
     ----------
     directory : str or Path
         Folder to write (created if needed); existing bundle files are replaced.
-    model : TripletCnn
+    model : TripletCnn or TripletCnnEnsemble
         Trained network (not fused: its batch normalisation is kept, so the weights can
-        also be trained further).
+        also be trained further), or an ensemble of them.
     name, version : str
         Identify the model.
     temperature : float
@@ -205,8 +264,6 @@ def save_model_bundle(
     weights = folder / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, weights)
-    config = asdict(model.config)
-    config["block_channels"] = list(config["block_channels"])
     metadata = ModelMetadata(
         name=name,
         version=str(version),
@@ -214,7 +271,7 @@ def save_model_bundle(
         normalisation=normalisation,
         normalisation_clip=None if normalisation_clip is None else float(normalisation_clip),
         architecture=type(model).__name__,
-        model_config=config,
+        model_config=_model_config(model),
         metrics={k: float(v) for k, v in (metrics or {}).items()},
         dataset_hash=dataset_hash,
         weights_sha256=_sha256(weights),
@@ -245,6 +302,65 @@ def packaged_model_path(name: str = "real_bogus") -> Path:
     return resource
 
 
+def load_bundle(path: str | Path) -> tuple[TripletCnn | TripletCnnEnsemble, ModelMetadata]:
+    """Read a bundle folder written by :func:`save_model_bundle`, checks included.
+
+    Parameters
+    ----------
+    path : str or Path
+        The bundle folder.
+
+    Returns
+    -------
+    network : TripletCnn or TripletCnnEnsemble
+        The trained network, not fused (it can be trained further or combined with others
+        in a :class:`~astrid.ml.models.TripletCnnEnsemble`).
+    metadata : ModelMetadata
+        Its metadata.
+
+    Raises
+    ------
+    ModelNotAvailable
+        If the folder, its weights or metadata are missing or unreadable, the weights
+        do not match their checksum or the architecture, or the metadata names an
+        unknown architecture or bundle format.
+    """
+    folder = Path(path)
+    label = str(path)
+    if not folder.is_dir():
+        raise ModelNotAvailable(label, f"no model bundle folder at {folder}")
+    meta_file, weights_file = folder / METADATA_FILE, folder / WEIGHTS_FILE
+    for needed in (meta_file, weights_file):
+        if not needed.is_file():
+            raise ModelNotAvailable(label, f"missing {needed.name} in {folder}")
+    try:
+        metadata = ModelMetadata.from_json(meta_file.read_text(encoding="utf-8"))
+    except (ValueError, TypeError) as exc:
+        raise ModelNotAvailable(label, f"unreadable {METADATA_FILE}: {exc}") from exc
+    label = f"{metadata.name} version {metadata.version}"
+    if metadata.format_version != BUNDLE_FORMAT_VERSION:
+        raise ModelNotAvailable(
+            label,
+            f"bundle format {metadata.format_version}, this code reads {BUNDLE_FORMAT_VERSION}",
+        )
+    if metadata.architecture not in ARCHITECTURES:
+        raise ModelNotAvailable(label, f"unknown architecture {metadata.architecture!r}")
+    digest = _sha256(weights_file)
+    if digest != metadata.weights_sha256:
+        raise ModelNotAvailable(
+            label,
+            f"{WEIGHTS_FILE} has SHA-256 {digest[:12]}..., metadata records "
+            f"{metadata.weights_sha256[:12]}...",
+        )
+    try:
+        model = metadata.build_network()
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise ModelNotAvailable(label, f"weights do not load: {exc}") from exc
+    return model, metadata
+
+
 #: Fewest triplets per chunk when normalisation is split across threads.
 _MIN_CHUNK = 32
 
@@ -254,7 +370,7 @@ class Scorer:
 
     Parameters
     ----------
-    model : TripletCnn
+    model : TripletCnn or TripletCnnEnsemble
         Trained network; a copy with batch normalisation fused is used for inference.
     metadata : ModelMetadata
         Its metadata (temperature and normalisation are applied from here).
@@ -269,7 +385,11 @@ class Scorer:
     """
 
     def __init__(
-        self, model: TripletCnn, metadata: ModelMetadata, *, batch_size: int = 256
+        self,
+        model: TripletCnn | TripletCnnEnsemble,
+        metadata: ModelMetadata,
+        *,
+        batch_size: int = 256,
     ) -> None:
         if metadata.normalisation not in NORMALISATIONS:
             raise ModelNotAvailable(
@@ -295,43 +415,9 @@ class Scorer:
         Raises
         ------
         ModelNotAvailable
-            If the folder, its weights or metadata are missing or unreadable, the weights
-            do not match their checksum or the architecture, or the metadata names an
-            unknown architecture or normalisation.
+            As :func:`load_bundle`.
         """
-        folder = Path(path)
-        label = str(path)
-        if not folder.is_dir():
-            raise ModelNotAvailable(label, f"no model bundle folder at {folder}")
-        meta_file, weights_file = folder / METADATA_FILE, folder / WEIGHTS_FILE
-        for needed in (meta_file, weights_file):
-            if not needed.is_file():
-                raise ModelNotAvailable(label, f"missing {needed.name} in {folder}")
-        try:
-            metadata = ModelMetadata.from_json(meta_file.read_text(encoding="utf-8"))
-        except (ValueError, TypeError) as exc:
-            raise ModelNotAvailable(label, f"unreadable {METADATA_FILE}: {exc}") from exc
-        label = f"{metadata.name} version {metadata.version}"
-        if metadata.format_version != BUNDLE_FORMAT_VERSION:
-            raise ModelNotAvailable(
-                label,
-                f"bundle format {metadata.format_version}, this code reads {BUNDLE_FORMAT_VERSION}",
-            )
-        if metadata.architecture != TripletCnn.__name__:
-            raise ModelNotAvailable(label, f"unknown architecture {metadata.architecture!r}")
-        digest = _sha256(weights_file)
-        if digest != metadata.weights_sha256:
-            raise ModelNotAvailable(
-                label,
-                f"{WEIGHTS_FILE} has SHA-256 {digest[:12]}..., metadata records "
-                f"{metadata.weights_sha256[:12]}...",
-            )
-        try:
-            model = TripletCnn(metadata.cnn_config())
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, ValueError, OSError) as exc:
-            raise ModelNotAvailable(label, f"weights do not load: {exc}") from exc
+        model, metadata = load_bundle(path)
         return cls(model, metadata, batch_size=batch_size)
 
     @classmethod

@@ -43,7 +43,9 @@ from astrid.ml.metrics import (
     roc_curve,
 )
 from astrid.ml.models import (
+    TripletCnn,
     TripletCnnConfig,
+    TripletCnnEnsemble,
     UNetConfig,
     count_parameters,
     heatmap_scores,
@@ -51,12 +53,14 @@ from astrid.ml.models import (
     predict_logits,
 )
 from astrid.ml.registry import EnergyReport, measure_energy
-from astrid.ml.serve import Scorer
+from astrid.ml.serve import ModelMetadata, Scorer
 from astrid.ml.train import (
     TrainConfig,
     TrainResult,
     TripletDataset,
     apply_temperature,
+    binary_nll,
+    fit_temperature,
     heatmap_target,
     train_classifier,
     train_heatmap_model,
@@ -65,10 +69,12 @@ from astrid.ml.train import (
 __all__ = [
     "ALERT_SCORE_NAMES",
     "AlertEvaluation",
+    "EnsembleOutcome",
     "ModelOutcome",
     "RealBogusConfig",
     "TrainingOutcome",
     "alert_scores_table",
+    "combine_real_bogus",
     "evaluate_alerts",
     "evaluate_scores",
     "score_alert_files",
@@ -452,6 +458,109 @@ def _point(curve: RocCurve, threshold: float) -> OperatingPoint:
 
 
 # --------------------------------------------------------------------------------------
+# ensembles of trained networks
+
+
+@dataclass(frozen=True)
+class EnsembleOutcome:
+    """A :class:`~astrid.ml.models.TripletCnnEnsemble` calibrated and measured.
+
+    Attributes
+    ----------
+    model : TripletCnnEnsemble
+        The members and views, not fused.
+    temperature : float
+        Fitted on the validation split's averaged logits.
+    validation_nll : float
+        Binary NLL of the validation split at that temperature: the figure to choose
+        between ensembles by, since no test field enters it.
+    test : ClassifierMetrics
+        On the test split (calibrated scores).
+    test_by_source : dict of str to ClassifierMetrics
+        Per source of pixels and on the bright part, as for :func:`train_real_bogus`.
+    normalisation, normalisation_clip
+        The input normalisation every member shares.
+    """
+
+    model: TripletCnnEnsemble
+    temperature: float
+    validation_nll: float
+    test: ClassifierMetrics
+    test_by_source: dict[str, ClassifierMetrics]
+    normalisation: str
+    normalisation_clip: float | None
+
+
+def combine_real_bogus(
+    members: Sequence[tuple[TripletCnn, ModelMetadata]],
+    training_set: TrainingSet,
+    *,
+    views: Sequence[int] = (0,),
+) -> EnsembleOutcome:
+    """Average trained networks (and views of the stamps), calibrate and measure them.
+
+    The ensemble's logit is the mean over members and views
+    (:class:`~astrid.ml.models.TripletCnnEnsemble`). Its temperature is fitted on the
+    validation split of ``training_set`` and it is measured on the test split, both
+    scored through :class:`~astrid.ml.serve.Scorer` from raw cutouts, as in production.
+    The members must have been trained on the training split of this set's fields:
+    a member that saw its validation or test fields would bias both.
+
+    Parameters
+    ----------
+    members : sequence of (TripletCnn, ModelMetadata)
+        Trained networks (:func:`astrid.ml.serve.load_bundle`) and their metadata.
+    training_set : TrainingSet
+        Set whose validation and test splits to use.
+    views : sequence of int
+        Dihedral transforms to average over (:func:`astrid.ml.models.dihedral_tensor`).
+
+    Returns
+    -------
+    EnsembleOutcome
+
+    Raises
+    ------
+    ValueError
+        If there are no members, they use different input normalisations, or a split is
+        empty.
+    """
+    if not members:
+        raise ValueError("no members to combine")
+    norms = {(meta.normalisation, meta.normalisation_clip) for _, meta in members}
+    if len(norms) != 1:
+        raise ValueError(f"members use different input normalisations: {sorted(map(str, norms))}")
+    normalisation, clip = norms.pop()
+    ensemble = TripletCnnEnsemble([model for model, _ in members], views=views)
+    unit = Scorer(
+        ensemble,
+        ModelMetadata(
+            name="ensemble",
+            version="0",
+            temperature=1.0,
+            normalisation=normalisation,
+            normalisation_clip=clip,
+        ),
+    )
+    validation, test = training_set.part("validation"), training_set.part("test")
+    if len(validation) == 0 or len(test) == 0:
+        raise ValueError(
+            f"need examples in the validation and test splits: {len(validation)} and {len(test)}"
+        )
+    val_logits = unit.logits(validation.triplets).astype(np.float64)
+    temperature = fit_temperature(val_logits, validation.labels)
+    test_scores = apply_temperature(unit.logits(test.triplets), temperature)
+    return EnsembleOutcome(
+        model=ensemble,
+        temperature=temperature,
+        validation_nll=binary_nll(val_logits, validation.labels, temperature),
+        test=classifier_metrics(test.labels, test_scores, snr=test.snr),
+        test_by_source=_by_source(test, test_scores),
+        normalisation=normalisation,
+        normalisation_clip=clip,
+    )
+
+
 # evaluation of a scorer
 
 

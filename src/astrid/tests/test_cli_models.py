@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,60 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     assert params["train_patience"] == str(base.patience)
     assert params["train_plateau_patience"] == str(base.plateau_patience)
     assert params["train_time_reverse_probability"] == str(base.time_reverse_probability)
+
+
+def _plain(output: str) -> str:
+    """Command output with the error box's borders and line wrapping removed."""
+    return " ".join(re.sub("[\u2500-\u257f]", " ", output).split())
+
+
+@pytest.mark.filterwarnings("ignore:temperature .* is at the edge")
+def test_models_combine_registers_a_calibrated_ensemble(tmp_path: Path) -> None:
+    from astrid.ml.models import TripletCnnEnsemble
+    from astrid.ml.serve import load_bundle, save_model_bundle
+    from astrid.pipeline.training_set import load_training_set
+
+    dataset = _small_training_set(tmp_path / "small.npz")
+    digest = load_training_set(dataset).content_hash()
+    small = TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0)
+    bundles = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"member{seed}"
+        save_model_bundle(
+            path, TripletCnn(small), name="real_bogus", version=str(seed + 1),
+            temperature=1.0, dataset_hash=digest if seed == 0 else "f" * 64,
+        )  # fmt: skip
+        bundles.append(str(path))
+    data_dir = tmp_path / "data"
+    args = ["models", "combine", *bundles, "--dataset", str(dataset), "--views", "0,2"]
+    args += ["--data-dir", str(data_dir)]
+    # The second member was trained on other data: refused unless said to be another build.
+    refused = runner.invoke(app, args)
+    assert refused.exit_code != 0
+    assert "real_bogus version 2 (ffffffffffff) trained on other data" in _plain(refused.output)
+    result = runner.invoke(app, [*args, "--other-builds"])
+    assert result.exit_code == 0, result.output
+    assert "2 member(s) x 2 view(s) = 4 passes per triplet" in result.output
+    assert "registered real_bogus version 1 as challenger" in result.output
+    registry = ModelRegistry(RegistryConfig.local(data_dir / "mlflow"))
+    scorer = registry.load_scorer("real_bogus", "challenger")
+    meta = scorer.metadata
+    assert meta.architecture == "TripletCnnEnsemble" and meta.dataset_hash == digest
+    assert meta.model_config["views"] == [0, 2]
+    version = registry.client.get_model_version("real_bogus", "1")
+    assert version.run_id is not None
+    run = registry.client.get_run(version.run_id).data
+    assert run.params["passes_per_triplet"] == "4" and run.params["views"] == "0,2"
+    assert "validation_nll" in run.metrics and "test_auc" in run.metrics
+    # The registered scores are the calibrated mean logit of the members over the views.
+    members = [load_bundle(b)[0] for b in bundles]
+    ensemble = TripletCnnEnsemble([m for m in members if isinstance(m, TripletCnn)], (0, 2))
+    test = load_training_set(dataset).part("test")
+    expected = Scorer(ensemble, meta).score(test.triplets)
+    np.testing.assert_allclose(scorer.score(test.triplets), expected, rtol=1e-5, atol=1e-8)
+    # An ensemble is not a member.
+    registry.export_bundle("real_bogus", tmp_path / "ens", alias="challenger")
+    nested = runner.invoke(app, ["models", "combine", str(tmp_path / "ens"), "--dataset",
+                                 str(dataset), "--no-register"])  # fmt: skip
+    assert nested.exit_code != 0 and "holds a TripletCnnEnsemble" in _plain(nested.output)

@@ -11,13 +11,16 @@ from astrid.ml.models import (
     HeatmapUNet,
     TripletCnn,
     TripletCnnConfig,
+    TripletCnnEnsemble,
     UNetConfig,
     count_parameters,
+    dihedral_tensor,
     fuse_batch_norm,
     heatmap_scores,
     predict_heatmap,
     predict_logits,
 )
+from astrid.ml.train import dihedral
 
 torch.set_num_threads(1)
 
@@ -101,3 +104,46 @@ def test_centre_window_larger_than_the_feature_map_is_refused() -> None:
     model = TripletCnn(TripletCnnConfig(centre_window=4))
     with pytest.raises(ValueError, match="exceeds"):
         predict_logits(model, np.zeros((1, 3, 31, 31), dtype=np.float32))
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_dihedral_tensor_matches_the_array_transform(k: int) -> None:
+    x = np.arange(2 * 3 * 5 * 5, dtype=np.float32).reshape(2, 3, 5, 5)
+    np.testing.assert_array_equal(dihedral_tensor(torch.from_numpy(x), k).numpy(), dihedral(x, k))
+
+
+def test_ensemble_is_the_mean_logit_over_members_and_views() -> None:
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    torch.manual_seed(0)
+    members = [TripletCnn(small).eval(), TripletCnn(small).eval()]
+    x = torch.randn(6, 3, 63, 63)
+    ensemble = TripletCnnEnsemble(members, views=(0, 5)).eval()
+    assert ensemble.n_passes == 4 and ensemble.config == small
+    with torch.no_grad():
+        expected = torch.stack([m(dihedral_tensor(x, k)) for m in members for k in (0, 5)]).mean(0)
+        torch.testing.assert_close(ensemble(x), expected)
+        # A single network with the identity view is that network.
+        torch.testing.assert_close(TripletCnnEnsemble(members[:1]).eval()(x), members[0](x))
+    # Scores of a rotated stamp differ from the stamp's for one network, but an ensemble
+    # over all four rotations gives every rotation of a stamp the same score.
+    rot = TripletCnnEnsemble(members[:1], views=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rot(torch.rot90(x, 1, dims=(2, 3))), rot(x), rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    ("views", "message"),
+    [((), "distinct integers"), ((0, 0), "distinct integers"), ((8,), "distinct integers")],
+)
+def test_ensemble_refuses_bad_views(views: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TripletCnnEnsemble([TripletCnn()], views=views)
+
+
+def test_ensemble_refuses_members_with_different_inputs() -> None:
+    with pytest.raises(ValueError, match="different inputs"):
+        TripletCnnEnsemble([TripletCnn(), TripletCnn(TripletCnnConfig(cutout_size=31))])
+    with pytest.raises(ValueError, match="at least one member"):
+        TripletCnnEnsemble([])

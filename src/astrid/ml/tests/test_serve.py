@@ -12,16 +12,24 @@ from scipy.special import expit
 
 from astrid.errors import BadImageShape, ModelNotAvailable
 from astrid.ml.alerts import normalise_triplet
-from astrid.ml.models import TripletCnn, TripletCnnConfig, fuse_batch_norm, predict_logits
+from astrid.ml.models import (
+    TripletCnn,
+    TripletCnnConfig,
+    TripletCnnEnsemble,
+    fuse_batch_norm,
+    predict_logits,
+)
 from astrid.ml.serve import (
     METADATA_FILE,
     WEIGHTS_FILE,
     Scorer,
+    load_bundle,
     packaged_model_path,
     save_model_bundle,
     shadow_score,
 )
 from astrid.ml.tests.toy_triplets import make_toy_triplets
+from astrid.ml.train import dihedral
 
 torch.set_num_threads(1)
 
@@ -131,3 +139,40 @@ def test_threaded_normalisation_equals_one_call() -> None:
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(threaded, normalise_triplet(raw))
+
+
+def test_ensemble_bundle_round_trip_averages_members_and_views(
+    tmp_path: Path, raw_triplets
+) -> None:
+    members = [_model(0), _model(1)]
+    ensemble = TripletCnnEnsemble(members, views=(0, 2))
+    meta = save_model_bundle(
+        tmp_path / "ens", ensemble, name="real_bogus", version="8", temperature=1.3
+    )
+    assert meta.architecture == "TripletCnnEnsemble"
+    assert meta.model_config["views"] == [0, 2] and len(meta.model_config["members"]) == 2
+    loaded, loaded_meta = load_bundle(tmp_path / "ens")
+    assert isinstance(loaded, TripletCnnEnsemble) and loaded_meta == meta
+    x = normalise_triplet(raw_triplets)
+    expected = np.mean(
+        [
+            predict_logits(fuse_batch_norm(m), np.ascontiguousarray(dihedral(x, k)))
+            for m in members
+            for k in (0, 2)
+        ],
+        axis=0,
+    )
+    scores = Scorer.from_path(tmp_path / "ens", batch_size=5).score(raw_triplets)
+    np.testing.assert_allclose(scores, expit(expected / 1.3), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="single TripletCnnConfig"):
+        loaded_meta.cnn_config()
+
+
+def test_bundle_with_an_unknown_architecture_is_refused(tmp_path: Path) -> None:
+    save_model_bundle(tmp_path / "rb", _model(0), name="real_bogus", version="1", temperature=1.0)
+    meta_path = tmp_path / "rb" / METADATA_FILE
+    data = json.loads(meta_path.read_text())
+    data["architecture"] = "VisionTransformer"
+    meta_path.write_text(json.dumps(data))
+    with pytest.raises(ModelNotAvailable, match="unknown architecture 'VisionTransformer'"):
+        Scorer.from_path(tmp_path / "rb")

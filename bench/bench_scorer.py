@@ -8,7 +8,8 @@ Usage::
 
 ``--packaged NAME`` scores with the bundle shipped in the package (the production
 scorer, ``Scorer.packaged(NAME)``); ``--bundle PATH`` with a bundle folder (a candidate
-exported from the registry). Without it, since weights do not change the cost of a
+exported from the registry). A ``TripletCnnEnsemble`` bundle costs one network pass per
+member and view, all timed. Without it, since weights do not change the cost of a
 forward pass, the benchmark saves a freshly initialised
 :class:`~astrid.ml.models.TripletCnn` as a bundle in a temporary folder and loads it
 through :class:`~astrid.ml.serve.Scorer`; both are the production path (batch
@@ -45,18 +46,23 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from astrid.ml.models import TripletCnn, count_parameters
-    from astrid.ml.serve import Scorer, save_model_bundle
+    from astrid.ml.models import TripletCnn, TripletCnnEnsemble, count_parameters
+    from astrid.ml.serve import Scorer, load_bundle, packaged_model_path, save_model_bundle
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     raw = rng.normal(0.0, 1.0, (args.n, 3, 63, 63)).astype(np.float32)
     raw[:, :, :, :5] = np.nan  # masked edge columns, as cutouts at an image border
     if args.packaged or args.bundle:
-        loaded = Scorer.packaged(args.packaged) if args.packaged else Scorer.from_path(args.bundle)
-        model = TripletCnn(loaded.config)
+        path = packaged_model_path(args.packaged) if args.packaged else Path(args.bundle)
+        model, _ = load_bundle(path)
+        loaded = Scorer.from_path(path)
         where = "packaged" if args.packaged else "bundle"
-        label = f"{loaded.model_name} version {loaded.version} ({where})"
+        passes = model.n_passes if isinstance(model, TripletCnnEnsemble) else 1
+        label = (
+            f"{loaded.model_name} version {loaded.version} ({where}, "
+            f"{loaded.metadata.architecture}, network passes per triplet: {passes})"
+        )
     else:
         torch.manual_seed(args.seed)
         model = TripletCnn()

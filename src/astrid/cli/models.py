@@ -608,7 +608,7 @@ def combine(
     the result as the challenger unless --no-register.
     """
     from astrid.ml.models import TripletCnn
-    from astrid.ml.registry import ModelCardInfo
+    from astrid.ml.registry import EnergyReport, ModelCardInfo
     from astrid.ml.serve import load_bundle
     from astrid.pipeline.real_bogus import combine_real_bogus
     from astrid.pipeline.training_set import load_training_set
@@ -684,6 +684,10 @@ def combine(
             params=params,
             metrics=_finite(metrics),
             dataset_sha256=digest,
+            energy=EnergyReport(
+                measured=False,
+                reason="no training: the members' energy is in their own training runs",
+            ),
             card=card,
             run_name="TripletCnnEnsemble",
         )

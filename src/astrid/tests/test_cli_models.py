@@ -31,7 +31,9 @@ def test_packaged_champion_loads_and_scores(shared_data: Path) -> None:
     scorer = Scorer.packaged("real_bogus")
     meta = scorer.metadata
     assert packaged_model_path("real_bogus").is_dir()
-    assert meta.architecture == "TripletCnn" and meta.normalisation == "normalise_triplet"
+    assert meta.normalisation == "normalise_triplet"
+    # Version 8: version 7's network on the stamps as given and rotated by 180 degrees.
+    assert meta.architecture == "TripletCnnEnsemble" and meta.model_config["views"] == [0, 2]
     assert meta.dataset_hash is not None and len(meta.dataset_hash) == 64
     assert 0.0 < meta.metrics["test_auc"] <= 1.0
     alerts = list(read_alerts(shared_data / KOWALSKI))
@@ -265,6 +267,7 @@ def test_models_combine_registers_a_calibrated_ensemble(tmp_path: Path) -> None:
     run = registry.client.get_run(version.run_id).data
     assert run.params["passes_per_triplet"] == "4" and run.params["views"] == "0,2"
     assert "validation_nll" in run.metrics and "test_auc" in run.metrics
+    assert run.tags["energy_status"].startswith("not measured: no training")
     # The registered scores are the calibrated mean logit of the members over the views.
     members = [load_bundle(b)[0] for b in bundles]
     ensemble = TripletCnnEnsemble([m for m in members if isinstance(m, TripletCnn)], (0, 2))

@@ -8,13 +8,13 @@ Usage::
 
 ``--packaged NAME`` scores with the bundle shipped in the package (the production
 scorer, ``Scorer.packaged(NAME)``); ``--bundle PATH`` with a bundle folder (a candidate
-exported from the registry). A ``TripletCnnEnsemble`` bundle costs one network pass per
-member and view, all timed. Without it, since weights do not change the cost of a
+exported from the registry). Without either, since weights do not change the cost of a
 forward pass, the benchmark saves a freshly initialised
 :class:`~astrid.ml.models.TripletCnn` as a bundle in a temporary folder and loads it
 through :class:`~astrid.ml.serve.Scorer`; both are the production path (batch
-normalisation fused, ``channels_last``, ``torch.inference_mode``). Scores are not
-printed. Two rows per batch size: ``network`` scores triplets already
+normalisation fused, ``channels_last``, ``torch.inference_mode``). A
+``TripletCnnEnsemble`` bundle costs one network pass per member and view, all timed.
+Scores are not printed. Two rows per batch size: ``network`` scores triplets already
 normalised; ``+ normalise`` also applies the bundle's input normalisation
 (``normalise_triplet``) to raw cutouts.
 
@@ -55,8 +55,8 @@ def main() -> None:
     raw[:, :, :, :5] = np.nan  # masked edge columns, as cutouts at an image border
     if args.packaged or args.bundle:
         path = packaged_model_path(args.packaged) if args.packaged else Path(args.bundle)
-        model, _ = load_bundle(path)
-        loaded = Scorer.from_path(path)
+        model, meta = load_bundle(path)
+        loaded = Scorer(model, meta)
         where = "packaged" if args.packaged else "bundle"
         passes = model.n_passes if isinstance(model, TripletCnnEnsemble) else 1
         label = (

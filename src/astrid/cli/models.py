@@ -579,6 +579,8 @@ def combine(
     dataset: Path = typer.Option(
         ...,
         "--dataset",
+        exists=True,
+        dir_okay=False,
         help="Training-set .npz the members were trained on: its validation split fits the "
         "temperature, its test split measures the result.",
     ),
@@ -617,13 +619,24 @@ def combine(
         view_list = [int(v) for v in views.split(",") if v.strip()]
     except ValueError as exc:
         raise typer.BadParameter(f"--views takes integers 0-7: {exc}") from exc
+    if not view_list or len(set(view_list)) != len(view_list):
+        raise typer.BadParameter(f"--views needs distinct integers 0-7, not {views!r}")
+    if not all(0 <= k < 8 for k in view_list):
+        raise typer.BadParameter(f"--views takes integers 0-7, not {views!r}")
     members = []
+    seen: dict[str, Path] = {}
     for path in bundles:
         network, meta = load_bundle(path)
         if not isinstance(network, TripletCnn):
             raise typer.BadParameter(
                 f"{path} holds a {meta.architecture}; combine the single networks it was made of"
             )
+        if meta.weights_sha256 in seen:
+            raise typer.BadParameter(
+                f"{path} holds the same weights as {seen[meta.weights_sha256]}: a member given "
+                "twice would count double"
+            )
+        seen[meta.weights_sha256] = path
         members.append((network, meta))
     training_set = load_training_set(dataset)
     digest = training_set.content_hash()
@@ -641,7 +654,10 @@ def combine(
         )
     for line in foreign:
         typer.echo(f"note: {line} was trained on another build of these fields", err=True)
-    outcome = combine_real_bogus(members, training_set, views=view_list)
+    try:
+        outcome = combine_real_bogus(members, training_set, views=view_list)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     metrics = outcome.test.as_dict("test_")
     for source, m in outcome.test_by_source.items():
         metrics.update(m.as_dict(f"test_{source.replace('>=', '_ge_')}_"))

@@ -167,8 +167,25 @@ class TripletCnn(nn.Module):
 def dihedral_tensor(x: torch.Tensor, k: int) -> torch.Tensor:
     """Apply one of the 8 symmetries of the square to the last two axes of a tensor.
 
-    The same transform as :func:`astrid.ml.train.dihedral` on arrays: 0-3 rotate by ``k``
-    times 90 degrees; 4-7 transpose first, then rotate by ``k - 4`` times 90 degrees.
+    The same transform as :func:`astrid.ml.train.dihedral` on arrays.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., ny, nx)
+        Square planes (for rotations by odd multiples of 90 degrees).
+    k : int
+        0-3 rotate by ``k`` times 90 degrees; 4-7 transpose first, then rotate by
+        ``k - 4`` times 90 degrees.
+
+    Returns
+    -------
+    torch.Tensor
+        The transformed planes (``x`` itself for ``k = 0``).
+
+    Raises
+    ------
+    ValueError
+        If ``k`` is not in 0..7.
     """
     if not 0 <= k < 8:
         raise ValueError(f"k must be in 0..7, not {k}")
@@ -193,16 +210,29 @@ class TripletCnnEnsemble(nn.Module):
         Dihedral transforms (0-7, distinct) applied to the input; ``(0,)`` is the input
         as given.
 
+    Raises
+    ------
+    TypeError
+        If a member is not a :class:`TripletCnn` (ensembles do not nest).
+    ValueError
+        If there are no members, they take different inputs, or the views are not
+        distinct integers in 0..7.
+
     Notes
     -----
-    ``config`` is the first member's, so code that asks a classifier for its input
-    shape (``in_channels``, ``cutout_size``) treats the ensemble like one network.
+    ``forward`` takes ``(n, 3, ny, nx)`` normalised triplets and returns ``(n,)`` logits,
+    like :class:`TripletCnn`. ``config`` is the first member's, so code that asks a
+    classifier for its input shape (``in_channels``, ``cutout_size``) treats the ensemble
+    like one network.
     """
 
     def __init__(self, members: Sequence[TripletCnn], views: Sequence[int] = (0,)) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        others = sorted({type(m).__name__ for m in members if not isinstance(m, TripletCnn)})
+        if others:
+            raise TypeError(f"ensemble members must be TripletCnn, not {', '.join(others)}")
         shapes = {(m.config.in_channels, m.config.cutout_size) for m in members}
         if len(shapes) != 1:
             raise ValueError(f"members take different inputs (channels, size): {sorted(shapes)}")
@@ -222,7 +252,7 @@ class TripletCnnEnsemble(nn.Module):
     @property
     def member_configs(self) -> tuple[TripletCnnConfig, ...]:
         """Each member's configuration."""
-        return tuple(m.config for m in self.members if isinstance(m, TripletCnn))
+        return tuple(m.config for m in self.members)  # type: ignore[misc]
 
     @property
     def n_passes(self) -> int:

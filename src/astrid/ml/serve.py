@@ -119,6 +119,8 @@ class ModelMetadata:
         Evaluation metrics on the test split (AUC, FNR at 1 % FPR, ECE...).
     dataset_hash : str or None
         :func:`astrid.ml.registry.dataset_hash` of the training data; None if unknown.
+        For an ensemble made by ``astrid models combine``, the set whose validation split
+        calibrated it (its members record their own training data in their bundles).
     weights_sha256 : str
         SHA-256 of ``weights.pt``, checked on load.
     format_version : int
@@ -150,13 +152,24 @@ class ModelMetadata:
         return cls(**data)
 
     def cnn_config(self) -> TripletCnnConfig:
-        """The :class:`~astrid.ml.models.TripletCnnConfig` of a ``TripletCnn`` bundle."""
+        """The :class:`~astrid.ml.models.TripletCnnConfig` of a ``TripletCnn`` bundle.
+
+        Raises
+        ------
+        ValueError
+            If the bundle holds another architecture.
+        """
         if self.architecture != TripletCnn.__name__:
             raise ValueError(f"a {self.architecture} has no single TripletCnnConfig")
         return _cnn_config(self.model_config)
 
     def build_network(self) -> TripletCnn | TripletCnnEnsemble:
         """An untrained network of the recorded architecture, ready for the weights.
+
+        Returns
+        -------
+        TripletCnn or TripletCnnEnsemble
+            Built from ``model_config``.
 
         Raises
         ------
@@ -167,12 +180,19 @@ class ModelMetadata:
             return TripletCnn(self.cnn_config())
         if self.architecture == TripletCnnEnsemble.__name__:
             config = self.model_config
-            members = config.get("members")
+            if set(config) != {"members", "views"}:
+                raise ValueError(
+                    "a TripletCnnEnsemble config has exactly the keys 'members' and 'views', "
+                    f"not {sorted(config)}"
+                )
+            members, views = config["members"], config["views"]
             if not isinstance(members, list) or not members:
                 raise ValueError("a TripletCnnEnsemble config needs a non-empty 'members' list")
-            return TripletCnnEnsemble(
-                [TripletCnn(_cnn_config(m)) for m in members], views=config.get("views", [0])
-            )
+            if not isinstance(views, list) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in views
+            ):
+                raise ValueError(f"'views' must be a list of integers, not {views!r}")
+            return TripletCnnEnsemble([TripletCnn(_cnn_config(m)) for m in members], views=views)
         raise ValueError(
             f"unknown architecture {self.architecture!r}; known: {sorted(ARCHITECTURES)}"
         )
@@ -354,6 +374,9 @@ def load_bundle(path: str | Path) -> tuple[TripletCnn | TripletCnnEnsemble, Mode
         )
     try:
         model = metadata.build_network()
+    except (TypeError, ValueError) as exc:
+        raise ModelNotAvailable(label, f"malformed model_config: {exc}") from exc
+    try:
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError, OSError) as exc:
@@ -415,7 +438,8 @@ class Scorer:
         Raises
         ------
         ModelNotAvailable
-            As :func:`load_bundle`.
+            As :func:`load_bundle`, or if the recorded normalisation or temperature is
+            invalid.
         """
         model, metadata = load_bundle(path)
         return cls(model, metadata, batch_size=batch_size)

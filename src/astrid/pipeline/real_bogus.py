@@ -478,8 +478,10 @@ class EnsembleOutcome:
         On the test split (calibrated scores).
     test_by_source : dict of str to ClassifierMetrics
         Per source of pixels and on the bright part, as for :func:`train_real_bogus`.
-    normalisation, normalisation_clip
+    normalisation : str
         The input normalisation every member shares.
+    normalisation_clip : float or None
+        Its ``clip``.
     """
 
     model: TripletCnnEnsemble
@@ -522,8 +524,9 @@ def combine_real_bogus(
     Raises
     ------
     ValueError
-        If there are no members, they use different input normalisations, or a split is
-        empty.
+        If there are no members, they use different input normalisations or take
+        different inputs, the views are not distinct integers 0-7, or the validation or
+        test split is empty.
     """
     if not members:
         raise ValueError("no members to combine")
@@ -531,6 +534,11 @@ def combine_real_bogus(
     if len(norms) != 1:
         raise ValueError(f"members use different input normalisations: {sorted(map(str, norms))}")
     normalisation, clip = norms.pop()
+    validation, test = training_set.part("validation"), training_set.part("test")
+    if len(validation) == 0 or len(test) == 0:
+        raise ValueError(
+            f"need examples in the validation and test splits: {len(validation)} and {len(test)}"
+        )
     ensemble = TripletCnnEnsemble([model for model, _ in members], views=views)
     unit = Scorer(
         ensemble,
@@ -538,15 +546,11 @@ def combine_real_bogus(
             name="ensemble",
             version="0",
             temperature=1.0,
+            architecture=TripletCnnEnsemble.__name__,
             normalisation=normalisation,
             normalisation_clip=clip,
         ),
     )
-    validation, test = training_set.part("validation"), training_set.part("test")
-    if len(validation) == 0 or len(test) == 0:
-        raise ValueError(
-            f"need examples in the validation and test splits: {len(validation)} and {len(test)}"
-        )
     val_logits = unit.logits(validation.triplets).astype(np.float64)
     temperature = fit_temperature(val_logits, validation.labels)
     test_scores = apply_temperature(unit.logits(test.triplets), temperature)

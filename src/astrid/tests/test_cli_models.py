@@ -279,3 +279,48 @@ def test_models_combine_registers_a_calibrated_ensemble(tmp_path: Path) -> None:
     nested = runner.invoke(app, ["models", "combine", str(tmp_path / "ens"), "--dataset",
                                  str(dataset), "--no-register"])  # fmt: skip
     assert nested.exit_code != 0 and "holds a TripletCnnEnsemble" in _plain(nested.output)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--views", "9"], "--views takes integers 0-7"),
+        (["--views", "0,0"], "--views needs distinct integers"),
+        (["--views", ","], "--views needs distinct integers"),
+        (["--views", "a"], "--views takes integers 0-7"),
+        (["--dataset", "missing.npz"], "does not exist"),
+        (["twice"], "holds the same weights as"),
+        (["--dataset", "alltest.npz"], "need examples in the validation and test splits: 0"),
+    ],
+)
+def test_models_combine_refuses_bad_input_cleanly(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    from astrid.ml.dataset import TrainingSet
+    from astrid.ml.serve import save_model_bundle
+    from astrid.pipeline.training_set import load_training_set, save_training_set
+
+    dataset = _small_training_set(tmp_path / "small.npz")
+    data = load_training_set(dataset)
+    columns = {name: getattr(data, name) for name in TrainingSet.column_names()}
+    columns["split"] = np.full(len(data), 2)
+    save_training_set(TrainingSet(**columns), tmp_path / "alltest.npz")
+    torch.manual_seed(0)
+    small = TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0)
+    member = tmp_path / "member"
+    save_model_bundle(
+        member, TripletCnn(small), name="real_bogus", version="1", temperature=1.0,
+        dataset_hash=data.content_hash(),
+    )  # fmt: skip
+    args = ["models", "combine", str(member), "--dataset", str(dataset), "--no-register"]
+    if extra == ["twice"]:
+        args.insert(3, str(member))
+    elif extra[0] == "--dataset":
+        args[args.index("--dataset") + 1] = str(tmp_path / extra[1])
+        args += ["--other-builds"]
+    else:
+        args += extra
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in _plain(result.output)
+    assert "Traceback" not in result.output

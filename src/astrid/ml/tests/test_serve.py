@@ -176,3 +176,30 @@ def test_bundle_with_an_unknown_architecture_is_refused(tmp_path: Path) -> None:
     meta_path.write_text(json.dumps(data))
     with pytest.raises(ModelNotAvailable, match="unknown architecture 'VisionTransformer'"):
         Scorer.from_path(tmp_path / "rb")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"members": [], "views": [0]},
+        {"members": "x", "views": [0]},
+        {"view": [0, 2]},
+        {"members": [{}], "views": "02"},
+        {"members": [{}], "views": [0, 2], "extra": 1},
+    ],
+)
+def test_malformed_ensemble_config_is_refused(tmp_path: Path, config: dict) -> None:
+    ensemble = TripletCnnEnsemble([_model(0)], views=(0, 2))
+    save_model_bundle(tmp_path / "ens", ensemble, name="real_bogus", version="1", temperature=1.0)
+    meta_path = tmp_path / "ens" / METADATA_FILE
+    data = json.loads(meta_path.read_text())
+    data["model_config"] = config
+    meta_path.write_text(json.dumps(data))
+    with pytest.raises(ModelNotAvailable, match="malformed model_config"):
+        load_bundle(tmp_path / "ens")
+
+
+def test_ensembles_do_not_nest() -> None:
+    inner = TripletCnnEnsemble([_model(0)])
+    with pytest.raises(TypeError, match="must be TripletCnn, not TripletCnnEnsemble"):
+        TripletCnnEnsemble([_model(1), inner])  # type: ignore[list-item]

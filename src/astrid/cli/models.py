@@ -79,6 +79,14 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
+def _bundle_label(path: Path) -> str:
+    """``name vVERSION (weights sha256 prefix)`` of a bundle folder, for run parameters."""
+    from astrid.ml.serve import METADATA_FILE, ModelMetadata
+
+    meta = ModelMetadata.from_json((path / METADATA_FILE).read_text(encoding="utf-8"))
+    return f"{meta.name} v{meta.version} ({meta.weights_sha256[:12]})"
+
+
 def _metric_lines(title: str, rows: dict[str, Any]) -> list[str]:
     lines = [title]
     for name, m in rows.items():
@@ -173,6 +181,21 @@ def train(
         help="Seed the simulated fields of the training set are drawn from; another seed "
         "gives other fields (default: the builder's, 2024).",
     ),
+    teacher: Path | None = typer.Option(
+        None,
+        "--teacher",
+        exists=True,
+        file_okay=False,
+        help="Model bundle folder whose scores of the training triplets are mixed into "
+        "the CNN's targets (knowledge distillation); validation uses the labels.",
+    ),
+    teacher_weight: float = typer.Option(
+        0.5,
+        "--teacher-weight",
+        min=0.0,
+        max=1.0,
+        help="Share of the teacher's score in each training target, above 0.",
+    ),
 ) -> None:
     """Build the training set, train the CNN (and U-Net), register the CNN as challenger.
 
@@ -192,6 +215,8 @@ def train(
         load_training_set,
     )
 
+    if teacher is not None and teacher_weight <= 0:
+        raise typer.BadParameter("--teacher-weight must be above 0 when a teacher is given")
     root = _data_dir(data_dir)
     out = root / "training"
     if dataset is not None:
@@ -259,6 +284,8 @@ def train(
         unet=base.unet if unet else None,
         threads=threads,
         country_iso_code=country,
+        teacher=None if teacher is None else str(teacher),
+        teacher_weight=teacher_weight,
     )
     outcome = train_real_bogus(
         training_set, config=cfg, plots_dir=plots_dir, log=lambda s: typer.echo(s, err=True)
@@ -269,6 +296,8 @@ def train(
         metrics.update(m.as_dict(f"test_{source.replace('>=', '_ge_')}_"))
     params: dict[str, Any] = {
         "architecture": "TripletCnn",
+        "teacher": "none" if teacher is None else _bundle_label(teacher),
+        "teacher_weight": teacher_weight if teacher is not None else 0.0,
         "n_parameters": cnn.n_parameters,
         "best_epoch": cnn.best_epoch,
         "epochs_run": cnn.epochs_run,

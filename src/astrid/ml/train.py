@@ -29,7 +29,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -90,12 +90,18 @@ class TripletDataset:
         Group id of each example (field id, integer or string); splits never cut a group.
     snr : ndarray of float64, shape (n,), or None
         Optional S/N of each candidate (for completeness against S/N); None if unknown.
+    targets : ndarray of float32, shape (n,), or None
+        Soft training targets in [0, 1] that the classifier is fitted to instead of the
+        labels (knowledge distillation: a mix of the label and a teacher's probability,
+        :meth:`with_teacher`); None fits the labels. Validation and metrics always use
+        the labels.
     """
 
     triplets: NDArray[np.float32]
     labels: NDArray[np.float32]
     groups: NDArray[np.generic]
     snr: NDArray[np.float64] | None = None
+    targets: NDArray[np.float32] | None = None
 
     def __post_init__(self) -> None:
         triplets = np.ascontiguousarray(self.triplets, dtype=np.float32)
@@ -121,9 +127,44 @@ class TripletDataset:
             if len(snr) != n:
                 raise ValueError(f"{n} triplets but {len(snr)} S/N values")
             object.__setattr__(self, "snr", snr)
+        if self.targets is not None:
+            targets = np.asarray(self.targets, dtype=np.float32).reshape(-1)
+            if len(targets) != n:
+                raise ValueError(f"{n} triplets but {len(targets)} targets")
+            if not np.all((targets >= 0) & (targets <= 1)):
+                raise ValueError("targets must lie in [0, 1]")
+            object.__setattr__(self, "targets", targets)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def fit_targets(self) -> NDArray[np.float32]:
+        """What training fits: the soft ``targets`` if set, else the labels."""
+        return self.labels if self.targets is None else self.targets
+
+    def with_teacher(self, probabilities: ArrayLike, weight: float) -> TripletDataset:
+        """The same examples with soft targets ``(1 - weight) * label + weight * p``.
+
+        Parameters
+        ----------
+        probabilities : array_like, shape (n,)
+            A teacher model's calibrated probability that each example is real.
+        weight : float
+            Share of the teacher in the target, in (0, 1].
+
+        Returns
+        -------
+        TripletDataset
+            A copy sharing the arrays, with ``targets`` set.
+        """
+        p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"teacher weight must be in (0, 1], not {weight}")
+        if len(p) != len(self) or not np.all((p >= 0) & (p <= 1)):
+            raise ValueError(f"need {len(self)} teacher probabilities in [0, 1]")
+        targets = (1.0 - weight) * self.labels + weight * p
+        return replace(self, targets=np.clip(targets, 0.0, 1.0).astype(np.float32))
 
     def subset(self, indices: ArrayLike) -> TripletDataset:
         """The examples at ``indices`` (integer positions), as a new data set."""
@@ -133,6 +174,7 @@ class TripletDataset:
             labels=self.labels[idx],
             groups=self.groups[idx],
             snr=None if self.snr is None else self.snr[idx],
+            targets=None if self.targets is None else self.targets[idx],
         )
 
     def split(self, split: GroupSplit) -> tuple[TripletDataset, TripletDataset, TripletDataset]:
@@ -714,7 +756,7 @@ def train_classifier(
                 x = crop_centre(x, rng, config.crop_probability, config.crop_sizes)
             if config.time_reverse_probability > 0:
                 x = time_reverse(x, rng, config.time_reverse_probability)
-            return x, train.labels[idx]
+            return x, train.fit_targets[idx]
 
         def validation_loss(m: nn.Module) -> float:
             logits = predict_logits(m, validation.triplets)

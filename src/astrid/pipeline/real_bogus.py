@@ -110,6 +110,12 @@ class RealBogusConfig:
         torch threads for training and inference.
     country_iso_code : str
         Electricity mix for the emissions codecarbon reports.
+    teacher : str or None
+        A model bundle folder whose calibrated scores of the (un-augmented) training
+        triplets are mixed into the CNN's training targets (knowledge distillation);
+        None trains on the labels alone. Validation and test use the labels.
+    teacher_weight : float
+        Share of the teacher's score in each target, in (0, 1].
     """
 
     cnn: TripletCnnConfig = field(default_factory=TripletCnnConfig)
@@ -134,6 +140,12 @@ class RealBogusConfig:
     unet_radius: float = 3.0
     threads: int = 2
     country_iso_code: str = "FRA"
+    teacher: str | None = None
+    teacher_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.teacher_weight <= 1.0:
+            raise ValueError(f"teacher_weight must be in (0, 1], not {self.teacher_weight}")
 
 
 @dataclass(frozen=True)
@@ -292,6 +304,21 @@ def train_real_bogus(
         for cls in ("real", "bogus")
     }
     say(f"training set {training_set.content_hash()[:12]}: {counts}")
+    if cfg.teacher is not None:
+        teacher = Scorer.from_path(cfg.teacher)
+        rows = np.flatnonzero(masks[0])
+        soft = np.concatenate(
+            [
+                teacher.score(training_set.triplets[chunk])
+                for chunk in np.array_split(rows, max(1, len(rows) // 4096))
+            ]
+        )
+        train = train.with_teacher(soft, cfg.teacher_weight)
+        say(
+            f"training targets: {1 - cfg.teacher_weight:g} x label + {cfg.teacher_weight:g} x "
+            f"score of {teacher.metadata.name} version {teacher.version} "
+            f"({teacher.metadata.architecture})"
+        )
 
     started = time.perf_counter()
     with measure_energy(country_iso_code=cfg.country_iso_code) as meter:

@@ -324,3 +324,29 @@ def test_models_combine_refuses_bad_input_cleanly(
     assert result.exit_code == 2, result.output
     assert message in _plain(result.output)
     assert "Traceback" not in result.output
+
+
+def test_train_with_a_teacher_records_it(tmp_path: Path) -> None:
+    from astrid.ml.serve import save_model_bundle
+
+    dataset = _small_training_set(tmp_path / "small.npz")
+    torch.manual_seed(0)
+    small = TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0)
+    meta = save_model_bundle(
+        tmp_path / "teacher", TripletCnn(small), name="real_bogus", version="3", temperature=1.0
+    )
+    data_dir = tmp_path / "data"
+    args = ["train", "--dataset", str(dataset), "--data-dir", str(data_dir), "--no-unet"]
+    args += "--threads 1 --epochs 1 --stem-channels 4 --block-channels 4,8 --hidden 8".split()
+    args += ["--centre-window", "0", "--teacher", str(tmp_path / "teacher")]
+    refused = runner.invoke(app, [*args, "--teacher-weight", "0"])
+    assert refused.exit_code == 2 and "--teacher-weight must be above 0" in _plain(refused.output)
+    result = runner.invoke(app, [*args, "--teacher-weight", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "training targets: 0.7 x label + 0.3 x score of real_bogus version 3" in result.output
+    registry = ModelRegistry(RegistryConfig.local(data_dir / "mlflow"))
+    version = registry.client.get_model_version("real_bogus", "1")
+    assert version.run_id is not None
+    params = registry.client.get_run(version.run_id).data.params
+    assert params["teacher"] == f"real_bogus v3 ({meta.weights_sha256[:12]})"
+    assert params["teacher_weight"] == "0.3"

@@ -230,3 +230,40 @@ def test_learning_rate_drops_after_each_epoch_without_improvement(toy: TripletDa
         TrainConfig(plateau_factor=0.0)
     with pytest.raises(ValueError, match="plateau_patience"):
         TrainConfig(plateau_patience=0)
+
+
+def test_soft_targets_are_what_training_fits(toy: TripletDataset) -> None:
+    train, validation, test = toy.split(split_by_group(toy.groups, (0.6, 0.2, 0.2), seed=0))
+    # A "teacher" that says the opposite of every label, given all the weight: a model fitted
+    # to the targets ranks the test split backwards, which fitting the labels never does.
+    inverted = train.with_teacher(1.0 - train.labels, weight=1.0)
+    np.testing.assert_array_equal(inverted.fit_targets, 1.0 - train.labels)
+    np.testing.assert_array_equal(inverted.labels, train.labels)  # labels kept for metrics
+    assert inverted.subset([0, 1]).targets is not None
+    config = TrainConfig(max_epochs=4, patience=4, batch_size=32, learning_rate=3e-3, seed=0)
+    result = train_classifier(inverted, validation, config=config)
+    from astrid.ml.models import predict_logits
+
+    assert roc_auc(test.labels, predict_logits(result.model, test.triplets)) < 0.4
+    # A mix: half label, half teacher.
+    mixed = train.with_teacher(np.full(len(train), 0.5), weight=0.5)
+    np.testing.assert_allclose(mixed.fit_targets, 0.5 * train.labels + 0.25)
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "weight", "message"),
+    [(None, 0.0, "teacher weight"), (None, 1.5, "teacher weight"), ([2.0], 0.5, "probabilities")],
+)
+def test_with_teacher_refuses_bad_input(
+    toy: TripletDataset, probabilities: list[float] | None, weight: float, message: str
+) -> None:
+    p = np.full(len(toy), 0.5) if probabilities is None else np.array(probabilities)
+    with pytest.raises(ValueError, match=message):
+        toy.with_teacher(p, weight)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+        TripletDataset(
+            toy.triplets[:2],
+            toy.labels[:2],
+            toy.groups[:2],
+            targets=np.array([0.5, 1.5], dtype=np.float32),
+        )

@@ -79,12 +79,16 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
+def _model_label(meta: Any) -> str:
+    """``name vVERSION (weights sha256 prefix)`` of a bundle's metadata, for run parameters."""
+    return f"{meta.name} v{meta.version} ({meta.weights_sha256[:12]})"
+
+
 def _bundle_label(path: Path) -> str:
-    """``name vVERSION (weights sha256 prefix)`` of a bundle folder, for run parameters."""
+    """:func:`_model_label` of a bundle folder."""
     from astrid.ml.serve import METADATA_FILE, ModelMetadata
 
-    meta = ModelMetadata.from_json((path / METADATA_FILE).read_text(encoding="utf-8"))
-    return f"{meta.name} v{meta.version} ({meta.weights_sha256[:12]})"
+    return _model_label(ModelMetadata.from_json((path / METADATA_FILE).read_text(encoding="utf-8")))
 
 
 def _metric_lines(title: str, rows: dict[str, Any]) -> list[str]:
@@ -699,9 +703,7 @@ def combine(
     rows = {"all test": outcome.test, **outcome.test_by_source}
     lines += _metric_lines("held-out test fields:", rows)
     if register:
-        member_names = [
-            f"{meta.name} v{meta.version} ({meta.weights_sha256[:12]})" for _, meta in members
-        ]
+        member_names = [_model_label(meta) for _, meta in members]
         params: dict[str, Any] = {
             "architecture": "TripletCnnEnsemble",
             "members": "; ".join(member_names),

@@ -6,6 +6,7 @@ import csv
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,6 +151,13 @@ def test_train_refuses_out_of_range_schedule_options(
     assert not (tmp_path / "training").exists()
 
 
+def _run_params(registry: ModelRegistry, name: str, version: int) -> Any:
+    """The MLflow run data (params, metrics, tags) of a registered version."""
+    found = registry.client.get_model_version(name, str(version))
+    assert found.run_id is not None
+    return registry.client.get_run(found.run_id).data
+
+
 def _small_training_set(path: Path) -> Path:
     """A small saved training set: a PSF-like blob on noise (real) or noise (bogus)."""
     from astrid.pipeline.training_set import save_training_set
@@ -192,9 +200,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "registered real_bogus version 1 as challenger" in result.output
     registry = ModelRegistry(RegistryConfig.local(data_dir / "mlflow"))
-    version = registry.client.get_model_version("real_bogus", "1")
-    assert version.run_id is not None
-    params = registry.client.get_run(version.run_id).data.params
+    params = _run_params(registry, "real_bogus", 1).params
     expected = {
         "train_max_epochs": "2",
         "train_seed": "3",
@@ -215,9 +221,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     default = runner.invoke(app, [*common, "--name", "plain", "--keep-dominated"])
     assert default.exit_code == 0, default.output
     assert "--keep-dominated apply to a set being built" in default.output
-    plain = registry.client.get_model_version("plain", "1")
-    assert plain.run_id is not None
-    params = registry.client.get_run(plain.run_id).data.params
+    params = _run_params(registry, "plain", 1).params
     assert params["train_patience"] == str(base.patience)
     assert params["train_plateau_patience"] == str(base.plateau_patience)
     assert params["train_time_reverse_probability"] == str(base.time_reverse_probability)
@@ -262,9 +266,7 @@ def test_models_combine_registers_a_calibrated_ensemble(tmp_path: Path) -> None:
     meta = scorer.metadata
     assert meta.architecture == "TripletCnnEnsemble" and meta.dataset_hash == digest
     assert meta.model_config["views"] == [0, 2]
-    version = registry.client.get_model_version("real_bogus", "1")
-    assert version.run_id is not None
-    run = registry.client.get_run(version.run_id).data
+    run = _run_params(registry, "real_bogus", 1)
     assert run.params["passes_per_triplet"] == "4" and run.params["views"] == "0,2"
     assert "validation_nll" in run.metrics and "test_auc" in run.metrics
     assert run.tags["energy_status"].startswith("not measured: no training")
@@ -345,8 +347,6 @@ def test_train_with_a_teacher_records_it(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "training targets: 0.7 x label + 0.3 x score of real_bogus version 3" in result.output
     registry = ModelRegistry(RegistryConfig.local(data_dir / "mlflow"))
-    version = registry.client.get_model_version("real_bogus", "1")
-    assert version.run_id is not None
-    params = registry.client.get_run(version.run_id).data.params
+    params = _run_params(registry, "real_bogus", 1).params
     assert params["teacher"] == f"real_bogus v3 ({meta.weights_sha256[:12]})"
     assert params["teacher_weight"] == "0.3"

@@ -123,10 +123,10 @@ class RealBogusConfig:
         default_factory=lambda: TrainConfig(
             batch_size=128,
             max_epochs=25,
-            patience=4,
+            patience=6,
             crop_probability=0.2,
             plateau_factor=0.3,
-            plateau_patience=1,
+            plateau_patience=2,
             seed=0,
         )
     )

@@ -184,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     scorer = Scorer.from_path(args.model) if args.model else Scorer.packaged("real_bogus")
-    data = load_training_set(args.dataset)
+    data = load_training_set(args.dataset, mmap=True)
     part = data.part("test")
     if len(part) != len(data):
         print(f"note: scoring the test split only ({len(part)} of {len(data)} examples)")

@@ -200,6 +200,13 @@ def train(
         max=1.0,
         help="Share of the teacher's score in each training target, above 0.",
     ),
+    build_only: bool = typer.Option(
+        False,
+        "--build-only",
+        help="Build (or complete from the cache) the training set, write it and stop; "
+        "train later with --dataset, which maps its stamps from the file instead of "
+        "holding them in memory.",
+    ),
 ) -> None:
     """Build the training set, train the CNN (and U-Net), register the CNN as challenger.
 
@@ -230,7 +237,9 @@ def train(
                 "used as is",
                 err=True,
             )
-        training_set = load_training_set(dataset)
+        if build_only:
+            raise typer.BadParameter("--build-only builds a set; it takes no --dataset")
+        training_set = load_training_set(dataset, mmap=True)
         typer.echo(f"loaded {dataset}: {len(training_set)} examples", err=True)
     else:
         config = TrainingSetConfig(
@@ -260,6 +269,9 @@ def train(
             f"sha256 {manifest['content_sha256']}",
             err=True,
         )
+        if build_only:
+            typer.echo(f"wrote {out / (config.name + '.npz')}")
+            return
     plots_dir = plots if plots is not None else out / "plots"
     base = RealBogusConfig()
     blocks = tuple(int(c) for c in block_channels.split(",") if c.strip())
@@ -453,7 +465,7 @@ def evaluate(
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
     if dataset is not None:
-        training_set = load_training_set(dataset)
+        training_set = load_training_set(dataset, mmap=True)
         overall, by_source, _ = evaluate_scores(scorer, training_set)
         rows = {"all test": overall, **by_source}
         for line in _metric_lines("held-out test fields:", rows):
@@ -671,7 +683,7 @@ def combine(
             )
         seen[meta.weights_sha256] = path
         members.append((network, meta))
-    training_set = load_training_set(dataset)
+    training_set = load_training_set(dataset, mmap=True)
     digest = training_set.content_hash()
     foreign = [
         f"{meta.name} version {meta.version} ({(meta.dataset_hash or 'unknown')[:12]})"

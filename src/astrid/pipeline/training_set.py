@@ -57,8 +57,10 @@ import hashlib
 import json
 import math
 import os
+import struct
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -1389,6 +1391,7 @@ def build_training_set(
 
 
 def _assemble(outcomes: Sequence[PairOutcome], config: TrainingSetConfig) -> TrainingSet:
+    """Join the pairs' examples into one set; takes the stamps out of the outcomes."""
     used = [o for o in outcomes if o.status == "ok" and len(o.arrays.get("labels", ()))]
     if not used:
         raise ValueError("no pair gave any example")
@@ -1413,8 +1416,17 @@ def _assemble(outcomes: Sequence[PairOutcome], config: TrainingSetConfig) -> Tra
     def cat(name: str) -> NDArray[Any]:
         return np.concatenate([o.arrays[name] for o in used])
 
+    # The stamps are most of the memory: each pair's are copied into one array and
+    # released from its outcome at once, so the set is never held twice.
+    first = used[0].arrays["triplets"]
+    triplets = np.empty((len(groups), *first.shape[1:]), dtype=np.float32)
+    start = 0
+    for o in used:
+        stamps = o.arrays.pop("triplets")
+        triplets[start : start + len(stamps)] = stamps
+        start += len(stamps)
     return TrainingSet(
-        triplets=cat("triplets"),
+        triplets=triplets,
         labels=cat("labels"),
         groups=groups,
         split=split,
@@ -1499,15 +1511,69 @@ def save_training_set(
     return target
 
 
-def load_training_set(path: str | Path) -> TrainingSet:
+def load_training_set(path: str | Path, *, mmap: bool = False) -> TrainingSet:
     """Read a training set written by :func:`save_training_set`.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.npz`` file.
+    mmap : bool
+        Map the stamps (``triplets``, most of the file) read-only from the file instead
+        of reading them into memory: the operating system pages them in as they are
+        used and can drop them again, so a set larger than half the memory can be
+        normalised for training. The other columns are read. Applies to files written by
+        :func:`save_training_set` (stored uncompressed); a compressed file is read whole.
 
     Raises
     ------
     FileNotFoundError
         If the file does not exist.
     """
-    with np.load(Path(path), allow_pickle=False) as data:
-        values = {name: data[name] for name in TrainingSet.column_names()}
+    target = Path(path)
+    with np.load(target, allow_pickle=False) as data:
+        names = [n for n in TrainingSet.column_names() if not (mmap and n == "triplets")]
+        values: dict[str, Any] = {name: data[name] for name in names}
         fakes = {k[len("fake_") :]: data[k] for k in data.files if k.startswith("fake_")}
+    if mmap:
+        values["triplets"] = _mapped_member(target, "triplets")
     return TrainingSet(**values, fakes=fakes)
+
+
+def _mapped_member(path: Path, name: str) -> NDArray[Any]:
+    """Read-only memory map of the array ``name`` of an uncompressed ``.npz``.
+
+    ``np.load`` cannot map a member of a zip archive, but a stored (uncompressed) member
+    is a plain ``.npy`` file at a fixed offset in the archive: its header is read there
+    and the data mapped after it. A compressed member is read into memory instead.
+    """
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                return np.asarray(np.lib.format.read_array(member, allow_pickle=False))
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: bad zip entry for {name!r}")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {name!r} holds Python objects and cannot be mapped")
+    return np.memmap(
+        path,
+        dtype=dtype,
+        mode="r",
+        offset=offset,
+        shape=shape,
+        order="F" if fortran_order else "C",
+    )

@@ -151,6 +151,16 @@ def test_train_refuses_out_of_range_schedule_options(
     assert not (tmp_path / "training").exists()
 
 
+def test_train_build_only_refuses_a_given_dataset(tmp_path: Path) -> None:
+    dataset = _small_training_set(tmp_path / "small.npz")
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(tmp_path), "--dataset", str(dataset), "--build-only"]
+    )
+    assert result.exit_code == 2
+    assert "--build-only" in result.output
+    assert not (tmp_path / "training").exists()
+
+
 def _run_params(registry: ModelRegistry, name: str, version: int) -> Any:
     """The MLflow run data (params, metrics, tags) of a registered version."""
     found = registry.client.get_model_version(name, str(version))

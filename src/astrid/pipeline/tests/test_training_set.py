@@ -136,6 +136,29 @@ def test_files_cache_and_content_hash(built: tuple[TrainingSet, dict, Path]) -> 
     assert again.content_hash() == digest
 
 
+def test_mapped_load_gives_the_same_set(
+    built: tuple[TrainingSet, dict, Path], tmp_path: Path
+) -> None:
+    training_set, manifest, folder = built
+    mapped = load_training_set(folder / "tiny.npz", mmap=True)
+    # The stamps are a read-only map of the file, not a copy in memory.
+    assert isinstance(mapped.triplets.base, np.memmap) or isinstance(mapped.triplets, np.memmap)
+    assert not mapped.triplets.flags.writeable
+    assert mapped.content_hash() == manifest["content_sha256"]
+    np.testing.assert_array_equal(mapped.triplets, training_set.triplets)
+    for name in TrainingSet.column_names():
+        np.testing.assert_array_equal(getattr(mapped, name), getattr(training_set, name))
+    assert mapped.fakes.keys() == training_set.fakes.keys()
+    # Normalising for training works from the map.
+    normalised = mapped.to_triplet_dataset(indices=np.flatnonzero(mapped.split == 0))
+    assert np.isfinite(normalised.triplets).all()
+    # A compressed archive (not written by save_training_set) is read whole instead.
+    arrays = {name: getattr(training_set, name) for name in TrainingSet.column_names()}
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    packed = load_training_set(tmp_path / "packed.npz", mmap=True)
+    assert packed.content_hash() == manifest["content_sha256"]
+
+
 def test_drawn_specs_span_detectors_and_recipes() -> None:
     specs = simulated_pair_specs(TrainingSetConfig(n_fields=40, pairs_per_field=3))
     fwhm_pixels = [s.science.fwhm / s.field_config.pixel_scale for s in specs]

@@ -1264,10 +1264,12 @@ def _write_outcome(path: Path, outcome: PairOutcome) -> None:
     os.replace(tmp, path)
 
 
-def _read_outcome(path: Path) -> PairOutcome:
+def _read_outcome(path: Path, *, stamps: bool = True) -> PairOutcome:
+    """Read a pair's cache file; without ``stamps``, all but its ``triplets``."""
+    skip = {"meta"} if stamps else {"meta", "triplets"}
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
-        arrays = {k: data[k] for k in data.files if k != "meta"}
+        arrays = {k: data[k] for k in data.files if k not in skip}
     return PairOutcome(
         meta["key"],
         meta["group"],
@@ -1284,7 +1286,12 @@ _Task = tuple[str, Any, str | None, Path, DifferenceConfig]
 
 
 def _run(task: _Task) -> PairOutcome:
-    """Worker entry point: run one pair and write its cache file."""
+    """Worker entry point: run one pair, write its cache file, return it without stamps.
+
+    The stamps are most of a pair's memory; they are read back from the cache file when
+    the set is joined (:func:`_assemble`), so the builder never holds every pair's stamps
+    besides the joined set.
+    """
     kind, spec, data_dir, path, difference = task
     if kind == "simulated":
         outcome = run_simulated_pair(spec, config=difference)
@@ -1292,7 +1299,8 @@ def _run(task: _Task) -> PairOutcome:
         assert data_dir is not None
         outcome = run_real_pair(spec, data_dir)
     _write_outcome(path, outcome)
-    return outcome
+    arrays = {k: v for k, v in outcome.arrays.items() if k != "triplets"}
+    return replace(outcome, arrays=arrays)
 
 
 def _init_worker() -> None:
@@ -1358,7 +1366,7 @@ def build_training_set(
     for task in tasks:
         path = task[3]
         if path.is_file():
-            outcomes[path] = _read_outcome(path)
+            outcomes[path] = _read_outcome(path, stamps=False)
         else:
             pending.append(task)
     done = len(outcomes)
@@ -1384,15 +1392,22 @@ def build_training_set(
                     if progress is not None:
                         progress(done, len(tasks), outcome)
     ordered = [outcomes[task[3]] for task in tasks]
-    training_set = _assemble(ordered, config)
+    training_set = _assemble(ordered, config, [task[3] for task in tasks])
     manifest = _manifest(training_set, ordered, config, time.perf_counter() - started)
     save_training_set(training_set, out / f"{config.name}.npz", manifest=manifest)
     return training_set, manifest
 
 
-def _assemble(outcomes: Sequence[PairOutcome], config: TrainingSetConfig) -> TrainingSet:
-    """Join the pairs' examples into one set; takes the stamps out of the outcomes."""
-    used = [o for o in outcomes if o.status == "ok" and len(o.arrays.get("labels", ()))]
+def _assemble(
+    outcomes: Sequence[PairOutcome], config: TrainingSetConfig, paths: Sequence[Path]
+) -> TrainingSet:
+    """Join the pairs' examples into one set, their stamps read from the cache files."""
+    usable = [
+        (o, path)
+        for o, path in zip(outcomes, paths, strict=True)
+        if o.status == "ok" and len(o.arrays.get("labels", ()))
+    ]
+    used = [o for o, _ in usable]
     if not used:
         raise ValueError("no pair gave any example")
     groups = np.concatenate([np.full(len(o.arrays["labels"]), o.group) for o in used])
@@ -1416,15 +1431,20 @@ def _assemble(outcomes: Sequence[PairOutcome], config: TrainingSetConfig) -> Tra
     def cat(name: str) -> NDArray[Any]:
         return np.concatenate([o.arrays[name] for o in used])
 
-    # The stamps are most of the memory: each pair's are copied into one array and
-    # released from its outcome at once, so the set is never held twice.
-    first = used[0].arrays["triplets"]
-    triplets = np.empty((len(groups), *first.shape[1:]), dtype=np.float32)
+    # The stamps are most of the memory: read pair by pair into the joined array, so
+    # the set is held once.
+    triplets: NDArray[np.float32] | None = None
     start = 0
-    for o in used:
-        stamps = o.arrays.pop("triplets")
+    for o, path in usable:
+        with np.load(path, allow_pickle=False) as data:
+            stamps = data["triplets"]
+        if len(stamps) != len(o.arrays["labels"]):
+            raise ValueError(f"{path}: {len(stamps)} stamps for {len(o.arrays['labels'])} labels")
+        if triplets is None:
+            triplets = np.empty((len(groups), *stamps.shape[1:]), dtype=np.float32)
         triplets[start : start + len(stamps)] = stamps
         start += len(stamps)
+    assert triplets is not None
     return TrainingSet(
         triplets=triplets,
         labels=cat("labels"),

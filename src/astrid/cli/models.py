@@ -269,9 +269,14 @@ def train(
             f"sha256 {manifest['content_sha256']}",
             err=True,
         )
+        written = out / f"{config.name}.npz"
         if build_only:
-            typer.echo(f"wrote {out / (config.name + '.npz')}")
+            typer.echo(f"wrote {written}")
             return
+        # Train from the written file with its stamps mapped, not from the set in memory:
+        # normalising for training makes a second copy of the stamps.
+        del training_set
+        training_set = load_training_set(written, mmap=True)
     plots_dir = plots if plots is not None else out / "plots"
     base = RealBogusConfig()
     blocks = tuple(int(c) for c in block_channels.split(",") if c.strip())

@@ -631,7 +631,9 @@ class PairOutcome:
         Per-example columns (``triplets``, ``labels``, ``kind``, ``snr``, ``polarity``,
         ``fwhm``, ``pixel_scale``) and per-fake ones (``fake_snr``, ``fake_polarity``,
         ``fake_detected``, ``fake_masked``, ``fake_measured_snr``, ``fake_dominated``,
-        ``fake_where``); empty when skipped.
+        ``fake_where``); empty when skipped. :func:`build_training_set` keeps the
+        outcomes without ``triplets``, which stay in each pair's cache file until the set
+        is joined.
     n_candidates : int
         Candidates the pipeline found.
     n_ambiguous : int

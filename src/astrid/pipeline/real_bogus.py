@@ -303,7 +303,8 @@ def train_real_bogus(
         for name, m in zip(("train", "validation", "test"), masks, strict=True)
         for cls in ("real", "bogus")
     }
-    say(f"training set {training_set.content_hash()[:12]}: {counts}")
+    digest = training_set.content_hash()
+    say(f"training set {digest[:12]}: {counts}")
     if cfg.teacher is not None:
         teacher = Scorer.from_path(cfg.teacher)
         rows = np.flatnonzero(masks[0])
@@ -397,7 +398,7 @@ def train_real_bogus(
         cnn=cnn,
         cnn_result=result,
         unet=unet,
-        dataset_sha256=training_set.content_hash(),
+        dataset_sha256=digest,
         counts=counts,
         plots=plots,
     )

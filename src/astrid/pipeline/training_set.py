@@ -1526,7 +1526,8 @@ def save_training_set(
     np.savez(tmp, **arrays)
     os.replace(tmp, target)
     info = dict(manifest or {})
-    info.setdefault("content_sha256", training_set.content_hash())
+    if "content_sha256" not in info:  # setdefault would hash the stamps even when given
+        info["content_sha256"] = training_set.content_hash()
     target.with_name(f"{target.stem}.manifest.json").write_text(
         json.dumps(info, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
     )

@@ -134,6 +134,13 @@ def train(
         help="Side of the central window of the CNN's last feature map pooled for the "
         "head beside the whole map (0: whole map only).",
     ),
+    crop: int = typer.Option(
+        0,
+        "--crop",
+        min=0,
+        help="Side in pixels of the centred square of each stamp the CNN looks at "
+        "(0: the whole stamp); smaller is faster.",
+    ),
     unet: bool = typer.Option(True, "--unet/--no-unet", help="Also train the U-Net to compare."),
     name: str = _NAME_OPTION,
     plots: Path | None = typer.Option(
@@ -294,6 +301,7 @@ def train(
             block_channels=blocks,
             hidden=hidden,
             centre_window=centre_window,
+            crop=crop,
         ),
         cnn_training=replace(
             base.cnn_training,

@@ -76,6 +76,15 @@ class TripletCnnConfig:
         of the candidate itself. With a 63 x 63 stamp the last map is 4 x 4 cells of
         16 px and a 2 x 2 window covers the central 32 x 32 px. Bundles written before
         this option existed hold no value and are read as 0.
+    crop : int
+        Side, in pixels, of the centred square of the stamp the network looks at; 0 looks
+        at the whole stamp. The outer ring is dropped before the stem, so a pass costs
+        about ``(crop / cutout_size) ** 2`` of a whole-stamp pass (the stem and the first
+        block, at full and half resolution, dominate); inputs are still whole stamps,
+        normalised as a whole. ``cutout_size - crop`` must be even, so the crop is centred
+        on the candidate. With a 63 x 63 stamp and ``crop=47`` the last feature map is
+        3 x 3 cells and ``centre_window=1`` is its middle cell. Bundles written before this
+        option existed hold no value and are read as 0.
     """
 
     in_channels: int = 3
@@ -85,8 +94,16 @@ class TripletCnnConfig:
     hidden: int = 32
     dropout: float = 0.2
     centre_window: int = 2
+    crop: int = 0
 
     def __post_init__(self) -> None:
+        if self.crop and not (0 < self.crop <= self.cutout_size):
+            raise ValueError(f"crop must be 0 or in 1..{self.cutout_size}, not {self.crop}")
+        if self.crop and (self.cutout_size - self.crop) % 2:
+            raise ValueError(
+                f"crop {self.crop} cannot be centred in a {self.cutout_size} px stamp "
+                "(their difference must be even)"
+            )
         if not self.block_channels:
             raise ValueError("block_channels must name at least one block")
         if self.centre_window < 0:
@@ -148,6 +165,12 @@ class TripletCnn(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        crop = self.config.crop
+        ny, nx = x.shape[-2:]
+        if crop and (ny > crop or nx > crop):
+            y0, x0 = max(ny - crop, 0) // 2, max(nx - crop, 0) // 2
+            x = x[..., y0 : y0 + crop, x0 : x0 + crop]
+            x = x.contiguous(memory_format=torch.channels_last)
         features = self.blocks(self.stem(x))
         parts = [features.mean(dim=(2, 3)), features.amax(dim=(2, 3))]
         window = self.config.centre_window

@@ -106,6 +106,30 @@ def test_centre_window_larger_than_the_feature_map_is_refused() -> None:
         predict_logits(model, np.zeros((1, 3, 31, 31), dtype=np.float32))
 
 
+def test_crop_looks_only_at_the_centre_of_the_stamp() -> None:
+    torch.manual_seed(2)
+    cropped = TripletCnn(TripletCnnConfig(crop=47, centre_window=1)).eval()
+    whole = TripletCnn(TripletCnnConfig(centre_window=1)).eval()
+    whole.load_state_dict(cropped.state_dict())
+    x = np.random.default_rng(2).normal(size=(4, 3, 63, 63)).astype(np.float32)
+    inner = np.ascontiguousarray(x[..., 8:55, 8:55])
+    expected = predict_logits(whole, inner)
+    np.testing.assert_allclose(predict_logits(cropped, x), expected, rtol=1e-5, atol=1e-5)
+    # The outer ring does not matter; a stamp already at the crop's size is used as it is.
+    ring = x.copy()
+    ring[..., :8, :] = 1e3
+    np.testing.assert_allclose(predict_logits(cropped, ring), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict_logits(cropped, inner), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("crop", "message"), [(-1, "crop must be"), (64, "crop must be"), (46, "centred")]
+)
+def test_crop_must_fit_and_be_centred(crop: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TripletCnnConfig(crop=crop)
+
+
 @pytest.mark.parametrize("k", range(8))
 def test_dihedral_tensor_matches_the_array_transform(k: int) -> None:
     x = np.arange(2 * 3 * 5 * 5, dtype=np.float32).reshape(2, 3, 5, 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,32 @@ def test_bundle_round_trip_scores_like_the_model(tmp_path: Path, raw_triplets) -
         scorer.score(normalise_triplet(raw_triplets), normalised=True), scores, rtol=1e-6
     )
     assert scorer.score(raw_triplets[0]).shape == (1,)
+
+
+def test_cropped_ensemble_bundle_keeps_its_crop(tmp_path: Path, raw_triplets) -> None:
+    torch.manual_seed(4)
+    member = TripletCnn(replace(SMALL, crop=41, centre_window=0)).eval()
+    model = TripletCnnEnsemble([member], views=(0, 1, 2, 3))
+    meta = save_model_bundle(
+        tmp_path / "rb",
+        model,
+        name="real_bogus",
+        version="3",
+        temperature=1.0,
+        metrics={},
+        dataset_hash="abc",
+    )
+    assert [m["crop"] for m in meta.model_config["members"]] == [41]
+    scorer = Scorer.from_path(tmp_path / "rb")
+    normalised = normalise_triplet(raw_triplets)
+    expected = predict_logits(fuse_batch_norm(model), normalised)
+    np.testing.assert_allclose(scorer.logits(raw_triplets), expected, rtol=1e-5, atol=1e-5)
+    # Only the central 41 px of the normalised stamps reach the network.
+    outside = normalised.copy()
+    outside[..., :11, :] = 50.0
+    np.testing.assert_allclose(
+        scorer.logits(outside, normalised=True), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_missing_or_damaged_bundles_raise_model_not_available(tmp_path: Path) -> None:

@@ -194,7 +194,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{len(part)} examples"
     )
     started = time.perf_counter()
-    logits = scorer.logits(part.triplets).astype(np.float64)
+    if args.zero_outside is None:
+        logits = scorer.logits(part.triplets).astype(np.float64)
+    else:
+        inputs = scorer.normalise(part.triplets)
+        side = inputs.shape[-1]
+        margin = (side - args.zero_outside) // 2
+        if not 0 < args.zero_outside <= side or (side - args.zero_outside) % 2:
+            raise SystemExit(f"--zero-outside must be a centred square within {side} px")
+        keep = np.zeros(inputs.shape[-2:], dtype=bool)
+        keep[margin : side - margin, margin : side - margin] = True
+        inputs[..., ~keep] = 0.0
+        print(f"pixels outside the centred {args.zero_outside} px square set to 0")
+        logits = scorer.logits(inputs, normalised=True).astype(np.float64)
     seconds = time.perf_counter() - started
     raw = expit(logits)
     scores = expit(logits / scorer.metadata.temperature)
@@ -769,6 +781,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--plots", default=None, help="folder of the ml_*.png plots")
     e.add_argument("-o", "--output", default=None, help="metrics as JSON")
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument(
+        "--zero-outside",
+        type=int,
+        default=None,
+        metavar="C",
+        help="set the normalised pixels outside the centred C x C square to 0 (the "
+        "background) before scoring: how much the stamp's outer ring tells the model",
+    )
     e.set_defaults(func=cmd_evaluate)
     a = sub.add_parser("agreement", help="agreement with survey scores on chosen alert sets")
     a.add_argument("scores_csv", help="CSV written by astrid evaluate --scores-csv")

@@ -44,6 +44,7 @@ __all__ = [
     "heatmap_scores",
     "predict_heatmap",
     "predict_logits",
+    "views_as_weights",
 ]
 
 
@@ -417,6 +418,73 @@ def fuse_batch_norm(model: nn.Module) -> nn.Module:
             module.conv = fuse_conv_bn_eval(module.conv, module.bn)
             module.bn = nn.Identity()
     return fused
+
+
+def _dihedral_inverse(k: int) -> int:
+    """The transform undoing :func:`dihedral_tensor`'s ``k``: rotations go back, reflections
+    (4-7) are their own inverse."""
+    return (4 - k) % 4 if k < 4 else k
+
+
+def _views_are_exact(config: TripletCnnConfig, size: int) -> bool:
+    """Whether every layer of a :class:`TripletCnn` maps a ``size`` px stamp symmetrically.
+
+    A rotation or reflection of the input then rotates or reflects every feature map the
+    same way: the strided stem's outputs are centred on pixels ``0, 2, ..., n - 1`` (``n``
+    odd), each max pooling pairs cells ``(0, 1), ..., (n - 2, n - 1)`` (``n`` even), and
+    the centre window sits in the middle of the last map (the same parity as its side).
+    """
+    n = config.crop if config.crop and size > config.crop else size
+    if (n - 1) % 2:
+        return False
+    n = (n - 1) // 2 + 1
+    for _ in config.block_channels[:-1]:
+        if n % 2:
+            return False
+        n //= 2
+    window = config.centre_window
+    return not window or (window <= n and (n - window) % 2 == 0)
+
+
+def views_as_weights(model: TripletCnnEnsemble) -> TripletCnnEnsemble:
+    """The same ensemble with its views moved from the input into the weights.
+
+    A convolution of a rotated (or reflected) input is the rotated convolution of the
+    input with the inversely rotated kernel; when every layer maps the stamp symmetrically
+    (odd stamp side, even sides before each pooling, a centred window), the pooled features,
+    and so the logit, of a view equal those of the untransformed input through a copy of
+    the network whose kernels were transformed back. One such copy per member and view
+    scores the input as given: the same passes, without transforming every batch for every
+    view (a copy of the stamps in memory each time).
+
+    Parameters
+    ----------
+    model : TripletCnnEnsemble
+        Members and views, for inference (fused or not).
+
+    Returns
+    -------
+    TripletCnnEnsemble
+        ``members x views`` members and the single view 0, computing the same logits up to
+        float rounding; ``model`` itself when it has only view 0 or when a view would not be
+        exact for its ``cutout_size``.
+    """
+    if model.views == (0,):
+        return model
+    configs = model.member_configs
+    if not all(_views_are_exact(c, c.cutout_size) for c in configs):
+        return model
+    baked: list[TripletCnn] = []
+    for member in model.members:
+        for k in model.views:
+            copy_ = copy.deepcopy(member)
+            inverse = _dihedral_inverse(k)
+            with torch.no_grad():
+                for module in copy_.modules():
+                    if isinstance(module, nn.Conv2d):
+                        module.weight.copy_(dihedral_tensor(module.weight.clone(), inverse))
+            baked.append(copy_)  # type: ignore[arg-type]
+    return TripletCnnEnsemble(baked, views=(0,))
 
 
 def predict_logits(

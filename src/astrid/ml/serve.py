@@ -44,6 +44,7 @@ from astrid.ml.models import (
     TripletCnnEnsemble,
     fuse_batch_norm,
     predict_logits,
+    views_as_weights,
 )
 
 __all__ = [
@@ -394,7 +395,9 @@ class Scorer:
     Parameters
     ----------
     model : TripletCnn or TripletCnnEnsemble
-        Trained network; a copy with batch normalisation fused is used for inference.
+        Trained network; a copy with batch normalisation fused (and an ensemble's views
+        moved into its weights, :func:`~astrid.ml.models.views_as_weights`) is used for
+        inference.
     metadata : ModelMetadata
         Its metadata (temperature and normalisation are applied from here).
     batch_size : int
@@ -427,9 +430,10 @@ class Scorer:
         self.metadata = metadata
         self.config = model.config
         self.batch_size = int(batch_size)
-        self._model = fuse_batch_norm(model).to(  # type: ignore[call-overload]
-            memory_format=torch.channels_last
-        )
+        fused = fuse_batch_norm(model)
+        if isinstance(fused, TripletCnnEnsemble):
+            fused = views_as_weights(fused)
+        self._model = fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @classmethod
     def from_path(cls, path: str | Path, *, batch_size: int = 256) -> Scorer:

@@ -19,6 +19,7 @@ from astrid.ml.models import (
     heatmap_scores,
     predict_heatmap,
     predict_logits,
+    views_as_weights,
 )
 from astrid.ml.train import dihedral
 
@@ -128,6 +129,40 @@ def test_crop_looks_only_at_the_centre_of_the_stamp() -> None:
 def test_crop_must_fit_and_be_centred(crop: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TripletCnnConfig(crop=crop)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TripletCnnConfig(), TripletCnnConfig(crop=47, centre_window=1), TripletCnnConfig(crop=31)],
+)
+def test_views_as_weights_give_the_same_logits(config: TripletCnnConfig) -> None:
+    torch.manual_seed(5)
+    members = [TripletCnn(config), TripletCnn(config)]
+    for member in members:  # non-trivial running statistics, so fusing matters too
+        member.train()
+        with torch.no_grad():
+            member(torch.randn(16, 3, 63, 63))
+    ensemble = fuse_batch_norm(TripletCnnEnsemble(members, views=range(8)))
+    assert isinstance(ensemble, TripletCnnEnsemble)
+    baked = views_as_weights(ensemble)
+    assert baked is not ensemble and baked.views == (0,) and baked.n_passes == 16
+    x = np.random.default_rng(5).normal(size=(6, 3, 63, 63)).astype(np.float32)
+    np.testing.assert_allclose(
+        predict_logits(baked, x), predict_logits(ensemble, x), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TripletCnnConfig(crop=47, centre_window=2),  # a 2-cell window in a 3 x 3 map
+        TripletCnnConfig(cutout_size=64),  # the stride-2 stem is not centred
+        TripletCnnConfig(crop=39, centre_window=0),  # 20 -> 10 -> 5 cannot pool evenly
+    ],
+)
+def test_views_stay_on_the_input_where_weights_would_differ(config: TripletCnnConfig) -> None:
+    ensemble = TripletCnnEnsemble([TripletCnn(config)], views=(0, 2))
+    assert views_as_weights(ensemble) is ensemble
 
 
 @pytest.mark.parametrize("k", range(8))

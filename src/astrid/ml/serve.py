@@ -385,8 +385,9 @@ def load_bundle(path: str | Path) -> tuple[TripletCnn | TripletCnnEnsemble, Mode
     return model, metadata
 
 
-#: Fewest triplets per chunk when normalisation is split across threads.
-_MIN_CHUNK = 32
+#: Triplets per chunk of the input normalisation: 64 triplets of 63 x 63 float32 planes
+#: are 3 MB, so the several passes over a chunk stay in the processor's caches.
+_CHUNK = 64
 
 
 class Scorer:
@@ -489,20 +490,30 @@ class Scorer:
     def normalise(self, triplets: ArrayLike) -> NDArray[np.float32]:
         """Apply the bundle's input normalisation to raw triplets ``(n, 3, ny, nx)``.
 
-        Each plane is normalised on its own, so a large batch is cut into chunks done
-        in ``torch.get_num_threads()`` threads (numpy's partial sorts release the GIL);
-        the result is identical to one call on the whole batch.
+        Each plane is normalised on its own, so a large batch is done in chunks of
+        ``_CHUNK`` triplets (small enough for the processor's caches), spread over
+        ``torch.get_num_threads()`` threads (numpy's partial sorts release the GIL); the
+        result is identical to one call on the whole batch.
         """
         data = self._check(triplets)
         fn = NORMALISATIONS[self.metadata.normalisation]
         clip = self.metadata.normalisation_clip
-        threads = torch.get_num_threads()
-        if threads < 2 or len(data) < 2 * _MIN_CHUNK:
+        if len(data) <= _CHUNK:
             return fn(data, clip)
-        n_chunks = min(4 * threads, len(data) // _MIN_CHUNK)
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(lambda chunk: fn(chunk, clip), np.array_split(data, n_chunks)))
-        return np.concatenate(parts)
+        out = np.empty(data.shape, dtype=np.float32)
+        starts = range(0, len(data), _CHUNK)
+
+        def run(start: int) -> None:
+            out[start : start + _CHUNK] = fn(data[start : start + _CHUNK], clip)
+
+        threads = torch.get_num_threads()
+        if threads < 2:
+            for start in starts:
+                run(start)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, starts))
+        return out
 
     def logits(self, triplets: ArrayLike, *, normalised: bool = False) -> NDArray[np.float32]:
         """Uncalibrated logits (before temperature scaling).

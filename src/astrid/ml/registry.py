@@ -311,7 +311,8 @@ class ModelCardInfo:
         "Scores are only calibrated for data like the training data (same survey, seeing, "
         "depth and cutout normalisation); a change of instrument or pipeline needs a "
         "retrained or at least recalibrated model. Rare artefacts absent from training "
-        "may score high. The model sees 63 x 63 cutouts only, not the light curve or "
+        "may score high. The model sees the candidate's cutout triplet only (the "
+        "architecture gives its size and any central crop), not the light curve or "
         "catalog context."
     )
 

@@ -128,18 +128,19 @@ def train(
     ),
     hidden: int = typer.Option(32, "--hidden", min=1, help="Units of the CNN head's dense layer."),
     centre_window: int = typer.Option(
-        2,
+        1,
         "--centre-window",
         min=0,
         help="Side of the central window of the CNN's last feature map pooled for the "
         "head beside the whole map (0: whole map only).",
     ),
     crop: int = typer.Option(
-        0,
+        47,
         "--crop",
         min=0,
         help="Side in pixels of the centred square of each stamp the CNN looks at "
-        "(0: the whole stamp); smaller is faster.",
+        "(0: the whole stamp); smaller is faster. The defaults, 47 px and a centre "
+        "window of 1, are version 10's network.",
     ),
     unet: bool = typer.Option(True, "--unet/--no-unet", help="Also train the U-Net to compare."),
     name: str = _NAME_OPTION,

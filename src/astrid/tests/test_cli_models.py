@@ -203,7 +203,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     common = ["train", "--dataset", str(dataset), "--data-dir", str(data_dir)]
     common += (
         "--no-unet --threads 1 --epochs 2 --seed 3 --stem-channels 4 --block-channels 4,8 "
-        "--hidden 8 --centre-window 0"
+        "--hidden 8 --centre-window 0 --crop 31"
     ).split()
     schedule = "--patience 5 --plateau-patience 3 --time-reverse 0.25".split()
     result = runner.invoke(app, common + schedule)
@@ -221,6 +221,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
         "model_block_channels": "(4, 8)",
         "model_hidden": "8",
         "model_centre_window": "0",
+        "model_crop": "31",
     }
     assert {k: params.get(k) for k in expected} == expected
     # Options left out keep RealBogusConfig's values.

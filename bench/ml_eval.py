@@ -197,11 +197,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.zero_outside is None:
         logits = scorer.logits(part.triplets).astype(np.float64)
     else:
-        inputs = scorer.normalise(part.triplets)
-        side = inputs.shape[-1]
-        margin = (side - args.zero_outside) // 2
+        side = part.triplets.shape[-1]
         if not 0 < args.zero_outside <= side or (side - args.zero_outside) % 2:
             raise SystemExit(f"--zero-outside must be a centred square within {side} px")
+        margin = (side - args.zero_outside) // 2
+        inputs = scorer.normalise(part.triplets)
         keep = np.zeros(inputs.shape[-2:], dtype=bool)
         keep[margin : side - margin, margin : side - margin] = True
         inputs[..., ~keep] = 0.0

@@ -477,13 +477,13 @@ def views_as_weights(model: TripletCnnEnsemble) -> TripletCnnEnsemble:
     baked: list[TripletCnn] = []
     for member in model.members:
         for k in model.views:
-            copy_ = copy.deepcopy(member)
+            rotated = copy.deepcopy(member)
             inverse = _dihedral_inverse(k)
             with torch.no_grad():
-                for module in copy_.modules():
+                for module in rotated.modules():
                     if isinstance(module, nn.Conv2d):
                         module.weight.copy_(dihedral_tensor(module.weight.clone(), inverse))
-            baked.append(copy_)  # type: ignore[arg-type]
+            baked.append(rotated)  # type: ignore[arg-type]
     return TripletCnnEnsemble(baked, views=(0,))
 
 

@@ -51,7 +51,8 @@ takes for real::
 ``ztf-context`` scores ZTF alerts and prints the AUC against ``drb >= 0.5`` by polarity
 and by whether the reference has a source under the candidate (``candidate.distnr``
 below 1.5 arcsec: variable stars, nuclear transients), and on the alerts where ZTF's two
-classifiers agree (``drb`` and ``rb`` on the same side of 0.5) or disagree::
+classifiers agree (``drb`` and ``rb`` on the same side of 0.5) or disagree; beside each
+AUC, the AUC of ZTF's own ``rb`` against the same label, for reference::
 
     python bench/ml_eval.py ztf-context ../shared/data/ztf_alerts_fink_broker \
         ../shared/data/ztf_alerts_kowalski ../shared/data/ztf_alerts_ampel [--model BUNDLE]
@@ -637,11 +638,12 @@ def cmd_ztf_context(args: argparse.Namespace) -> int:
     print(
         f"{scorer.model_name} version {scorer.model_version}: {len(alerts)} ZTF alerts with "
         f"drb; on a source: the reference has a source within {args.on_source:g} arcsec "
-        "(candidate.distnr)"
+        "(candidate.distnr); 'rb AUC': ZTF's own random-forest score against the same "
+        "label, what a classifier trained on ZTF's own data reaches on this proxy"
     )
     print(
-        f"{'subset':<26} {'alerts':>6} {'drb real':>8} {'AUC':>6} {'ours>=0.5 | real':>17} "
-        f"{'ours<0.5 | bogus':>17}"
+        f"{'subset':<26} {'alerts':>6} {'drb real':>8} {'AUC':>6} {'rb AUC':>6} "
+        f"{'ours>=0.5 | real':>17} {'ours<0.5 | bogus':>17}"
     )
     subsets = {
         "all": np.ones(len(alerts), bool),
@@ -657,8 +659,14 @@ def cmd_ztf_context(args: argparse.Namespace) -> int:
     for name, sel in subsets.items():
         r, b = sel & real, sel & ~real
         auc = roc_auc(real[sel], ours[sel]) if r.any() and b.any() else float("nan")
+        has_rb = sel & np.isfinite(rb)
+        rb_auc = (
+            roc_auc(real[has_rb], rb[has_rb])
+            if (has_rb & real).any() and (has_rb & ~real).any()
+            else float("nan")
+        )
         print(
-            f"{name:<26} {int(sel.sum()):>6} {int(r.sum()):>8} {auc:>6.3f} "
+            f"{name:<26} {int(sel.sum()):>6} {int(r.sum()):>8} {auc:>6.3f} {rb_auc:>6.3f} "
             f"{np.mean(ours[r] >= 0.5) if r.any() else np.nan:>17.2f} "
             f"{np.mean(ours[b] < 0.5) if b.any() else np.nan:>17.2f}"
         )

@@ -80,6 +80,7 @@ import math
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def _field_seeds(seed: int, n_fields: int) -> set[int]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from astrid.pipeline.difference import DifferenceConfig
     from astrid.pipeline.training_set import FakeConfig, TrainingSetConfig, build_training_set
 
     ours = _field_seeds(args.seed, args.fields)
@@ -111,6 +113,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 1
     suffix = "" if args.star_hosts == "uniform" else f"-{args.star_hosts}-hosts"
     suffix += "-keep-dominated" if args.keep_dominated else ""
+    suffix += "-rescaled-score" if args.rescale_score else ""
+    difference = DifferenceConfig()
+    if args.rescale_score:
+        difference = replace(difference, detect=replace(difference.detect, rescale_score=True))
     config = TrainingSetConfig(
         name=f"real-bogus-eval-{args.seed}{suffix}",
         fakes=FakeConfig(
@@ -122,6 +128,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         real_pairs=args.shared_data is not None,
         fractions=(0.0, 0.0, 1.0),
+        difference=difference,
     )
 
     printed: set[int] = set()
@@ -773,6 +780,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="label real the candidates that something else at a fake's spot outweighs "
         "(FakeConfig.dominated_snr=None, the rule of builder versions up to 6)",
+    )
+    b.add_argument(
+        "--rescale-score",
+        action="store_true",
+        help="detect on the score divided by its measured robust noise "
+        "(DetectConfig.rescale_score), so that 5 sigma counts the noise the pair has",
     )
     b.set_defaults(func=cmd_build)
     r = sub.add_parser(

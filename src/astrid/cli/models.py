@@ -165,6 +165,15 @@ def train(
         help="Epochs without a lower validation loss before the CNN's learning rate is "
         "cut (default: RealBogusConfig's).",
     ),
+    ema_decay: float | None = typer.Option(
+        None,
+        "--ema-decay",
+        min=0.0,
+        max=1.0,
+        help="Validate and keep an exponential moving average of the CNN's weights, "
+        "updated after every step with this decay (e.g. 0.999; default: "
+        "RealBogusConfig's, none).",
+    ),
     time_reverse: float | None = typer.Option(
         None,
         "--time-reverse",
@@ -293,6 +302,7 @@ def train(
         "patience": patience,
         "plateau_patience": plateau_patience,
         "time_reverse_probability": time_reverse,
+        "ema_decay": ema_decay,
     }
     cfg = replace(
         base,

@@ -38,6 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from astrid.ml.models import (
     HeatmapUNet,
@@ -553,6 +554,13 @@ class TrainConfig:
         ``plateau_patience`` so that a smaller step is tried before training stops.
     plateau_patience : int
         Epochs without improvement before the learning rate is reduced.
+    ema_decay : float or None
+        Keep an exponential moving average of the weights (batch-normalisation
+        statistics included), updated after every optimisation step with this decay
+        (``torch.optim.swa_utils.get_ema_multi_avg_fn``; about ``1 / (1 - decay)`` steps
+        are averaged). The averaged weights are what is validated, what early stopping
+        and the learning-rate schedule follow, and what is kept. None trains and keeps
+        the raw weights.
     seed : int
         Seed of initialisation, shuffling, augmentation and dropout.
     """
@@ -570,9 +578,12 @@ class TrainConfig:
     time_reverse_probability: float = 0.0
     plateau_factor: float = 1.0
     plateau_patience: int = 1
+    ema_decay: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, not {self.ema_decay}")
         if not 0.0 < self.plateau_factor <= 1.0:
             raise ValueError(f"plateau_factor must be in (0, 1], not {self.plateau_factor}")
         if not 0.0 <= self.time_reverse_probability <= 1.0:
@@ -664,7 +675,10 @@ def _fit(
     config: TrainConfig,
     rng: np.random.Generator,
 ) -> tuple[tuple[EpochRecord, ...], int]:
-    """Shared loop: Adam on BCE with logits, early stopping, best weights restored."""
+    """Shared loop: Adam on BCE with logits, early stopping, best weights restored.
+
+    With ``config.ema_decay`` the weights validated and kept are the moving average.
+    """
     optimiser = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -680,8 +694,17 @@ def _fit(
         else None
     )
     pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight)
+    averaged = (
+        None
+        if config.ema_decay is None
+        else AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    )
+    # The weights that are validated and kept: the moving average, or the model itself.
+    kept: nn.Module = model if averaged is None else averaged.module
     history: list[EpochRecord] = []
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
+    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(kept.state_dict())
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         total, seen = 0.0, 0
@@ -694,15 +717,17 @@ def _fit(
             loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
             loss.backward()
             optimiser.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             total += loss.item() * len(idx)
             seen += len(idx)
-        val = validation_loss(model)
+        val = validation_loss(kept)
         history.append(EpochRecord(epoch, total / max(seen, 1), val, learning_rate))
         if scheduler is not None:
             scheduler.step(val)
         if val < best_loss - config.min_delta:
             best_loss, best_epoch = val, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         elif epoch - best_epoch >= config.patience:
             break
     model.load_state_dict(best_state)

@@ -267,3 +267,45 @@ def test_with_teacher_refuses_bad_input(
             toy.groups[:2],
             targets=np.array([0.5, 1.5], dtype=np.float32),
         )
+
+
+@pytest.mark.filterwarnings("ignore:temperature")
+def test_moving_average_of_the_weights_is_what_is_validated_and_kept(
+    toy: TripletDataset,
+) -> None:
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    field = np.asarray(toy.groups, dtype=int)
+    train = toy.subset(np.flatnonzero(field < 4))
+    validation = toy.subset(np.flatnonzero(field == 4))
+
+    def run(epochs: int, ema_decay: float | None) -> tuple[dict[str, torch.Tensor], int]:
+        # One optimisation step per epoch (the whole split in one batch), no dropout
+        # randomness that the average would change: the raw trajectory is the same with
+        # and without the average.
+        config = TrainConfig(
+            max_epochs=epochs,
+            patience=5,
+            batch_size=len(train),
+            learning_rate=3e-2,
+            augment=False,
+            ema_decay=ema_decay,
+            seed=2,
+        )
+        result = train_classifier(train, validation, model_config=small, config=config)
+        return result.model.state_dict(), result.best_epoch
+
+    first, _ = run(1, None)  # raw weights after step 1
+    second, best = run(2, None)
+    assert best == 2, "the toy's validation loss should improve on the second step"
+    averaged, best_averaged = run(2, 0.5)
+    assert best_averaged == 2
+    floats = [k for k, v in first.items() if v.is_floating_point()]
+    assert floats
+    moved = False
+    for key in floats:
+        expected = 0.5 * first[key] + 0.5 * second[key]
+        torch.testing.assert_close(averaged[key], expected, rtol=1e-5, atol=1e-6)
+        moved |= not torch.allclose(averaged[key], second[key])
+    assert moved  # the average is not the last step's weights
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)

@@ -247,6 +247,7 @@ def train(
         raise typer.BadParameter("--teacher-weight must be above 0 when a teacher is given")
     root = _data_dir(data_dir)
     out = root / "training"
+    known_hash: str | None = None  # the content hash of a set built here, from its manifest
     if dataset is not None:
         if star_hosts is not _StarHosts.uniform or keep_dominated:
             typer.echo(
@@ -294,6 +295,7 @@ def train(
         # normalising for training makes a second copy of the stamps.
         del training_set
         training_set = load_training_set(written, mmap=True)
+        known_hash = str(manifest["content_sha256"])
     plots_dir = plots if plots is not None else out / "plots"
     base = RealBogusConfig()
     blocks = tuple(int(c) for c in block_channels.split(",") if c.strip())
@@ -328,7 +330,11 @@ def train(
         teacher_weight=teacher_weight,
     )
     outcome = train_real_bogus(
-        training_set, config=cfg, plots_dir=plots_dir, log=lambda s: typer.echo(s, err=True)
+        training_set,
+        config=cfg,
+        plots_dir=plots_dir,
+        log=lambda s: typer.echo(s, err=True),
+        dataset_sha256=known_hash,
     )
     cnn = outcome.cnn
     metrics = cnn.test.as_dict("test_")

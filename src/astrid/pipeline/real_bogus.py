@@ -270,6 +270,7 @@ def train_real_bogus(
     config: RealBogusConfig | None = None,
     plots_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    dataset_sha256: str | None = None,
 ) -> TrainingOutcome:
     """Train the CNN (and the U-Net), calibrate, and measure them on held-out fields.
 
@@ -284,6 +285,10 @@ def train_real_bogus(
         completeness plots; None writes none.
     log : callable or None
         Receives one line per step.
+    dataset_sha256 : str or None
+        ``training_set.content_hash()`` when the caller already has it (the manifest
+        of the set it has just built), which saves reading every stamp again; None
+        computes it.
 
     Returns
     -------
@@ -303,7 +308,7 @@ def train_real_bogus(
         for name, m in zip(("train", "validation", "test"), masks, strict=True)
         for cls in ("real", "bogus")
     }
-    digest = training_set.content_hash()
+    digest = training_set.content_hash() if dataset_sha256 is None else dataset_sha256
     say(f"training set {digest[:12]}: {counts}")
     if cfg.teacher is not None:
         teacher = Scorer.from_path(cfg.teacher)

@@ -70,3 +70,26 @@ def test_train_real_bogus_trains_calibrates_and_measures_on_test_fields(
         assert outcome.unet is not None and outcome.unet.test_scores.shape == (n_test,)
     else:
         assert outcome.unet is None
+
+
+@pytest.mark.filterwarnings("ignore:temperature")
+def test_a_known_content_hash_is_not_computed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _toy_training_set(120)
+    digest = data.content_hash()
+    base = RealBogusConfig()
+    config = replace(
+        base,
+        cnn=TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0),
+        cnn_training=replace(base.cnn_training, max_epochs=1, batch_size=32),
+        unet=None,
+        threads=1,
+    )
+
+    def refuse(self: TrainingSet) -> str:
+        raise AssertionError("the stamps were hashed again")
+
+    monkeypatch.setattr(TrainingSet, "content_hash", refuse)
+    outcome = train_real_bogus(data, config=config, dataset_sha256=digest)
+    assert outcome.dataset_sha256 == digest
+    with pytest.raises(AssertionError, match="hashed again"):
+        train_real_bogus(data, config=config)

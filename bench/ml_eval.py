@@ -28,7 +28,11 @@ from.
 (:class:`astrid.ml.serve.Scorer`) and reports, through :mod:`astrid.ml.evaluate` and
 :mod:`astrid.ml.metrics`: ROC AUC, missed detections at 1 % false positives, false
 positives at 1 % missed detections, expected calibration error, completeness against
-S/N; overall, per source of pixels (simulated, real DECam) and for S/N >= 10. Plots,
+S/N; overall, per source of pixels (simulated, real DECam) and for S/N >= 10. The set's
+``snr`` column is the injected S/N of a real example and the measured one of a bogus
+example, so ``snr>=10`` cuts the two classes on different quantities; the rows
+``measured snr>=6`` and ``measured snr>=10`` cut both on the S/N the pipeline measured
+(a real example's, from the fakes table), as a survey's threshold would. Plots,
 all prefixed ``ml_``: ``ml_roc.png`` (simulated and DECam curves and the operating
 points), ``ml_completeness.png`` (completeness against injected S/N at the 1 %-FPR
 threshold), ``ml_reliability.png`` (before and after temperature scaling) and
@@ -175,6 +179,29 @@ def _fmt(m: Any) -> str:
     )
 
 
+def _measured_snr(part: Any) -> np.ndarray:
+    """The measured ``|S/N|`` of every example, real ones included.
+
+    A set's ``snr`` column holds the injected S/N for real examples and the measured one
+    for bogus ones; the fakes table holds each fake's injected and measured S/N, so a real
+    example is matched to its fake by field and injected S/N (copied, not recomputed).
+    NaN where no fake matches (sets of builders before version 7 lack ``measured_snr``).
+    """
+    measured = np.asarray(part.snr, dtype=np.float64).copy()
+    real = np.flatnonzero(part.labels == 1)
+    fakes = part.fakes
+    if "measured_snr" not in fakes:
+        measured[real] = np.nan
+        return measured
+    lookup = {
+        (str(g), float(v)): float(m)
+        for g, v, m in zip(fakes["group"], fakes["snr"], fakes["measured_snr"], strict=True)
+    }
+    for i in real:
+        measured[i] = lookup.get((str(part.groups[i]), float(part.snr[i])), np.nan)
+    return measured
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
     from scipy.special import expit
@@ -219,16 +246,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     raw = expit(logits)
     scores = expit(logits / scorer.metadata.temperature)
     labels = part.labels.astype(int)
+    measured = _measured_snr(part)
     selections = {
         "all": np.ones(len(part), bool),
         "simulated": part.source == "simulated",
         "sfft-decam": part.source == "sfft-decam",
         "snr>=10": part.snr >= 10.0,
+        "measured snr>=6": measured >= 6.0,
+        "measured snr>=10": measured >= 10.0,
         "simulated, snr>=10": (part.source == "simulated") & (part.snr >= 10.0),
         "sfft-decam, snr>=10": (part.source == "sfft-decam") & (part.snr >= 10.0),
         "positive": part.polarity > 0,
         "negative (faded)": part.polarity < 0,
     }
+    unmatched = int(np.sum(np.isnan(measured)))
+    if unmatched:
+        print(f"note: {unmatched} real examples without a measured S/N (left out of 'measured')")
     results: dict[str, Any] = {
         "model": scorer.metadata.name,
         "version": scorer.version,

@@ -18,7 +18,9 @@ magnitude`` draws the hosts of fakes on stars uniformly in magnitude
 (``FakeConfig.star_hosts``; the set is named ``real-bogus-eval-<seed>-magnitude-hosts``);
 ``--keep-dominated`` labels real the candidates that a star's residual or another
 artefact at a fake's spot outweighs (``FakeConfig.dominated_snr=None``, builder versions
-up to 6; the name ends in ``-keep-dominated``).
+up to 6; the name ends in ``-keep-dominated``); ``--rescale-score`` detects on the
+score image divided by its measured robust noise (``DetectConfig.rescale_score``; the
+name ends in ``-rescaled-score``).
 The simulated fields are drawn from ``default_rng([seed, field_index])``; ``build``
 first checks that none of the field seeds of ``--seed`` occurs among the first
 ``--check-fields`` fields of the default seed 2024, which ``astrid train`` always builds

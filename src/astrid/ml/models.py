@@ -426,14 +426,15 @@ def _dihedral_inverse(k: int) -> int:
     return (4 - k) % 4 if k < 4 else k
 
 
-def _views_are_exact(config: TripletCnnConfig, size: int) -> bool:
-    """Whether every layer of a :class:`TripletCnn` maps a ``size`` px stamp symmetrically.
+def _views_are_exact(config: TripletCnnConfig) -> bool:
+    """Whether every layer of a :class:`TripletCnn` maps its stamp symmetrically.
 
     A rotation or reflection of the input then rotates or reflects every feature map the
     same way: the strided stem's outputs are centred on pixels ``0, 2, ..., n - 1`` (``n``
     odd), each max pooling pairs cells ``(0, 1), ..., (n - 2, n - 1)`` (``n`` even), and
     the centre window sits in the middle of the last map (the same parity as its side).
     """
+    size = config.cutout_size
     n = config.crop if config.crop and size > config.crop else size
     if (n - 1) % 2:
         return False
@@ -472,7 +473,7 @@ def views_as_weights(model: TripletCnnEnsemble) -> TripletCnnEnsemble:
     if model.views == (0,):
         return model
     configs = model.member_configs
-    if not all(_views_are_exact(c, c.cutout_size) for c in configs):
+    if not all(_views_are_exact(c) for c in configs):
         return model
     baked: list[TripletCnn] = []
     for member in model.members:

@@ -52,6 +52,13 @@ class _StarHosts(StrEnum):
     magnitude = "magnitude"
 
 
+class _EmaSchedule(StrEnum):
+    """``TrainConfig.ema_schedule``: whose validation loss the schedule follows."""
+
+    average = "average"
+    raw = "raw"
+
+
 def _data_dir(data_dir: Path | None) -> Path:
     from astrid.cli.context import load_settings
 
@@ -174,6 +181,14 @@ def train(
         "updated after every step with this decay (e.g. 0.999; default: "
         "RealBogusConfig's, none).",
     ),
+    ema_schedule: _EmaSchedule | None = typer.Option(
+        None,
+        "--ema-schedule",
+        help="With --ema-decay, whose validation loss early stopping and learning-rate "
+        "cuts follow: 'average' (the averaged weights') or 'raw' (the raw weights', the "
+        "schedule of a run without the average; the best averaged weights are kept). "
+        "Default: RealBogusConfig's, 'average'.",
+    ),
     time_reverse: float | None = typer.Option(
         None,
         "--time-reverse",
@@ -248,6 +263,10 @@ def train(
     root = _data_dir(data_dir)
     out = root / "training"
     known_hash: str | None = None  # the content hash of a set built here, from its manifest
+    if ema_schedule is not None and ema_decay is None:
+        raise typer.BadParameter(
+            "needs --ema-decay: there is no average to schedule", param_hint="--ema-schedule"
+        )
     if dataset is not None:
         if star_hosts is not _StarHosts.uniform or keep_dominated:
             typer.echo(
@@ -305,6 +324,7 @@ def train(
         "plateau_patience": plateau_patience,
         "time_reverse_probability": time_reverse,
         "ema_decay": ema_decay,
+        "ema_schedule": None if ema_schedule is None else ema_schedule.value,
     }
     cfg = replace(
         base,

@@ -30,6 +30,7 @@ import math
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -558,9 +559,14 @@ class TrainConfig:
         Keep an exponential moving average of the weights (batch-normalisation
         statistics included), updated after every optimisation step with this decay
         (``torch.optim.swa_utils.get_ema_multi_avg_fn``; about ``1 / (1 - decay)`` steps
-        are averaged). The averaged weights are what is validated, what early stopping
-        and the learning-rate schedule follow, and what is kept. None trains and keeps
-        the raw weights.
+        are averaged). The averaged weights are what is validated and what is kept;
+        ``ema_schedule`` says whose validation loss early stopping and the
+        learning-rate schedule follow. None trains and keeps the raw weights.
+    ema_schedule : {"average", "raw"}
+        With ``ema_decay``: "average" stops and cuts the learning rate on the averaged
+        weights' validation loss; "raw" validates the raw weights as well and stops and
+        cuts on theirs, the schedule a run without the average would follow, while the
+        averaged weights of the epoch where their own validation loss is lowest are kept.
     seed : int
         Seed of initialisation, shuffling, augmentation and dropout.
     """
@@ -579,11 +585,16 @@ class TrainConfig:
     plateau_factor: float = 1.0
     plateau_patience: int = 1
     ema_decay: float | None = None
+    ema_schedule: Literal["average", "raw"] = "average"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, not {self.ema_decay}")
+        if self.ema_schedule not in ("average", "raw"):
+            raise ValueError(f"ema_schedule must be 'average' or 'raw', not {self.ema_schedule!r}")
+        if self.ema_schedule == "raw" and self.ema_decay is None:
+            raise ValueError("ema_schedule 'raw' needs ema_decay: there is no average to keep")
         if not 0.0 < self.plateau_factor <= 1.0:
             raise ValueError(f"plateau_factor must be in (0, 1], not {self.plateau_factor}")
         if not 0.0 <= self.time_reverse_probability <= 1.0:
@@ -605,15 +616,20 @@ class EpochRecord:
     train_loss : float
         Mean training loss over the epoch's batches (on augmented examples, with dropout).
     validation_loss : float
-        Loss on the whole validation split, in evaluation mode.
+        Loss of the weights that are kept (the moving average, with
+        ``TrainConfig.ema_decay``) on the whole validation split, in evaluation mode.
     learning_rate : float
         Learning rate of the epoch's steps.
+    raw_validation_loss : float or None
+        With ``TrainConfig.ema_schedule == "raw"``: the raw weights' validation loss,
+        which the schedule follows; None otherwise.
     """
 
     epoch: int
     train_loss: float
     validation_loss: float
     learning_rate: float
+    raw_validation_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -703,8 +719,11 @@ def _fit(
     )
     # The weights that are validated and kept: the moving average, or the model itself.
     kept: nn.Module = model if averaged is None else averaged.module
+    raw_schedule = averaged is not None and config.ema_schedule == "raw"
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(kept.state_dict())
+    # What stopping follows: the kept weights' loss, or the raw weights' with a raw schedule.
+    followed_best, followed_epoch = math.inf, 0
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         total, seen = 0.0, 0
@@ -722,13 +741,17 @@ def _fit(
             total += loss.item() * len(idx)
             seen += len(idx)
         val = validation_loss(kept)
-        history.append(EpochRecord(epoch, total / max(seen, 1), val, learning_rate))
+        raw_val = validation_loss(model) if raw_schedule else None
+        followed = val if raw_val is None else raw_val
+        history.append(EpochRecord(epoch, total / max(seen, 1), val, learning_rate, raw_val))
         if scheduler is not None:
-            scheduler.step(val)
+            scheduler.step(followed)
         if val < best_loss - config.min_delta:
             best_loss, best_epoch = val, epoch
             best_state = copy.deepcopy(kept.state_dict())
-        elif epoch - best_epoch >= config.patience:
+        if followed < followed_best - config.min_delta:
+            followed_best, followed_epoch = followed, epoch
+        elif epoch - followed_epoch >= config.patience:
             break
     model.load_state_dict(best_state)
     model.eval()

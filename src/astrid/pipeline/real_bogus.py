@@ -331,9 +331,14 @@ def train_real_bogus(
         result = train_classifier(train, validation, model_config=cfg.cnn, config=cfg.cnn_training)
     seconds = time.perf_counter() - started
     for record in result.history:
+        raw_weights = (
+            ""
+            if record.raw_validation_loss is None
+            else f" (raw weights {record.raw_validation_loss:.4f})"
+        )
         say(
             f"epoch {record.epoch}: train loss {record.train_loss:.4f}, validation loss "
-            f"{record.validation_loss:.4f}, learning rate {record.learning_rate:.2g}"
+            f"{record.validation_loss:.4f}{raw_weights}, learning rate {record.learning_rate:.2g}"
         )
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
     result.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

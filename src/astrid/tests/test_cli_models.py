@@ -143,6 +143,8 @@ def test_train_refuses_an_unknown_star_host_rule(tmp_path: Path) -> None:
         ("--plateau-patience", "0"),
         ("--patience", "0"),
         ("--ema-decay", "1.5"),
+        ("--ema-schedule", "best"),
+        ("--ema-schedule", "raw"),  # without --ema-decay
     ],
 )
 def test_train_refuses_out_of_range_schedule_options(
@@ -210,7 +212,9 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
         "--no-unet --threads 1 --epochs 2 --seed 3 --stem-channels 4 --block-channels 4,8 "
         "--hidden 8 --centre-window 0 --crop 31"
     ).split()
-    schedule = "--patience 5 --plateau-patience 3 --time-reverse 0.25 --ema-decay 0.9".split()
+    schedule = (
+        "--patience 5 --plateau-patience 3 --time-reverse 0.25 --ema-decay 0.9 --ema-schedule raw"
+    ).split()
     result = runner.invoke(app, common + schedule)
     assert result.exit_code == 0, result.output
     assert "registered real_bogus version 1 as challenger" in result.output
@@ -223,6 +227,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
         "train_plateau_patience": "3",
         "train_time_reverse_probability": "0.25",
         "train_ema_decay": "0.9",
+        "train_ema_schedule": "raw",
         "model_stem_channels": "4",
         "model_block_channels": "(4, 8)",
         "model_hidden": "8",
@@ -243,6 +248,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     assert params["train_plateau_patience"] == str(base.plateau_patience)
     assert params["train_time_reverse_probability"] == str(base.time_reverse_probability)
     assert params["train_ema_decay"] == str(base.ema_decay)
+    assert params["train_ema_schedule"] == base.ema_schedule
 
 
 def _plain(output: str) -> str:

@@ -309,3 +309,62 @@ def test_moving_average_of_the_weights_is_what_is_validated_and_kept(
     assert moved  # the average is not the last step's weights
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="needs ema_decay"):
+        TrainConfig(ema_schedule="raw")
+    with pytest.raises(ValueError, match="ema_schedule"):
+        TrainConfig(ema_decay=0.9, ema_schedule="best")  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:temperature")
+def test_raw_schedule_cuts_and_stops_on_the_raw_loss_and_keeps_the_best_average(
+    toy: TripletDataset,
+) -> None:
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    field = np.asarray(toy.groups, dtype=int)
+    train = toy.subset(np.flatnonzero(field < 4))
+    validation = toy.subset(np.flatnonzero(field >= 4))
+    # A slow average (decay 0.97, a few steps an epoch) still improves when the raw weights
+    # have stopped improving: the two schedules differ.
+    config = TrainConfig(
+        max_epochs=10,
+        patience=3,
+        batch_size=16,
+        learning_rate=1e-2,
+        plateau_factor=0.5,
+        ema_decay=0.97,
+        ema_schedule="raw",
+        seed=3,
+    )
+    result = train_classifier(train, validation, model_config=small, config=config)
+    history = result.history
+    raw = [r.raw_validation_loss for r in history]
+    assert all(loss is not None for loss in raw)
+    raw_losses = [float(loss) for loss in raw if loss is not None]
+    averaged = [r.validation_loss for r in history]
+    assert raw_losses != averaged  # two sets of weights were validated
+    # Cuts follow the raw weights' loss, as in a run without the average.
+    best, drops = raw_losses[0], 0
+    for i in range(1, len(history)):
+        improved = i == 1 or raw_losses[i - 1] < best
+        best = min(best, raw_losses[i - 1])
+        expected = history[i - 1].learning_rate * (1.0 if improved else 0.5)
+        assert history[i].learning_rate == pytest.approx(expected)
+        drops += not improved
+    assert drops >= 1
+    # ... and not the average's: some cut came after an epoch in which the average improved.
+    assert any(
+        history[i].learning_rate < history[i - 1].learning_rate
+        and averaged[i - 1] < min(averaged[: i - 1])
+        for i in range(2, len(history))
+    )
+    # Stopping follows the raw loss too: the run ends `patience` epochs after its best,
+    # though the average was still improving.
+    raw_best = int(np.argmin(raw_losses)) + 1
+    assert len(history) == raw_best + config.patience < config.max_epochs
+    assert averaged[-1] < min(averaged[:-1])
+    # What is kept is the average of the epoch with the lowest averaged loss.
+    assert result.best_epoch == int(np.argmin(averaged)) + 1
+    from astrid.ml.models import predict_logits
+
+    kept = binary_nll(predict_logits(result.model, validation.triplets), validation.labels)
+    assert kept == pytest.approx(averaged[result.best_epoch - 1], rel=1e-5)

@@ -181,26 +181,36 @@ def _fmt(m: Any) -> str:
     )
 
 
+def _fake_column(part: Any, column: str) -> np.ndarray:
+    """A column of the fakes table for every real example, NaN for bogus ones.
+
+    A real example is matched to its fake by field and injected S/N (the set's ``snr``
+    column holds the injected S/N for real examples). NaN where no fake matches or the
+    set's fakes table lacks the column (older builder versions).
+    """
+    out = np.full(len(part), np.nan)
+    fakes = part.fakes
+    if column not in fakes:
+        return out
+    lookup = {
+        (str(g), float(v)): float(m)
+        for g, v, m in zip(fakes["group"], fakes["snr"], fakes[column], strict=True)
+    }
+    for i in np.flatnonzero(part.labels == 1):
+        out[i] = lookup.get((str(part.groups[i]), float(part.snr[i])), np.nan)
+    return out
+
+
 def _measured_snr(part: Any) -> np.ndarray:
     """The measured ``|S/N|`` of every example, real ones included.
 
     A set's ``snr`` column holds the injected S/N for real examples and the measured one
-    for bogus ones; the fakes table holds each fake's injected and measured S/N, so a real
-    example is matched to its fake by field and injected S/N (copied, not recomputed).
-    NaN where no fake matches (sets of builders before version 7 lack ``measured_snr``).
+    for bogus ones; a real example's comes from its fake's row in the fakes table
+    (builder version 7 on). NaN where no fake matches.
     """
     measured = np.asarray(part.snr, dtype=np.float64).copy()
-    real = np.flatnonzero(part.labels == 1)
-    fakes = part.fakes
-    if "measured_snr" not in fakes:
-        measured[real] = np.nan
-        return measured
-    lookup = {
-        (str(g), float(v)): float(m)
-        for g, v, m in zip(fakes["group"], fakes["snr"], fakes["measured_snr"], strict=True)
-    }
-    for i in real:
-        measured[i] = lookup.get((str(part.groups[i]), float(part.snr[i])), np.nan)
+    real = part.labels == 1
+    measured[real] = _fake_column(part, "measured_snr")[real]
     return measured
 
 
@@ -261,6 +271,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "positive": part.polarity > 0,
         "negative (faded)": part.polarity < 0,
     }
+    # Simulated fakes on a cosmic ray or bad column of either epoch (builder version 9
+    # on): the stamps show both, and noise-free truth says which.
+    on_artefact = _fake_column(part, "on_artefact")
+    if not np.all(np.isnan(on_artefact[part.labels == 1])):
+        selections["clear of CR/bad column"] = (part.source == "simulated") & (
+            (part.labels == 0) | (on_artefact == 0)
+        )
     unmatched = int(np.sum(np.isnan(measured)))
     if unmatched:
         print(f"note: {unmatched} real examples without a measured S/N (left out of 'measured')")
@@ -301,16 +318,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"at the overall 1%-FPR threshold: {n_missed} missed, {n_passed} bogus pass")
     kinds = np.asarray(data.kind).tolist()
     by_kind: dict[str, dict[str, dict[str, int]]] = {}
+    # Misses among bright candidates (measured |S/N| >= 10), where noise is no excuse.
+    bright = measured >= 10.0
     for what, chosen, pool in (
         ("missed", missed, labels == 1),
+        ("missed, S/N>=10", missed & bright, (labels == 1) & bright),
         ("bogus passing", passed, labels == 0),
     ):
         totals = Counter(k for k, p in zip(kinds, pool, strict=True) if p)
         hits = Counter(k for k, c in zip(kinds, chosen, strict=True) if c)
         for kind, of in sorted(totals.items(), key=lambda item: -hits[item[0]]):
-            print(f"  {what:<14} {kind:<24} {hits[kind]:>4} of {of:<5} {hits[kind] / of:.3f}")
+            print(f"  {what:<15} {kind:<24} {hits[kind]:>4} of {of:<5} {hits[kind] / of:.3f}")
         by_kind[what] = {kind: {"n": hits[kind], "of": of} for kind, of in totals.items()}
     results["at_global_1pct_fpr_threshold"]["by_kind"] = by_kind
+    on = (labels == 1) & (on_artefact == 1)
+    if on.any():
+        n_on, n_on_missed = int(on.sum()), int((on & missed).sum())
+        print(
+            f"  real on a cosmic ray or bad column: {n_on} of {int((labels == 1).sum())}, "
+            f"{n_on_missed} of them missed ({n_on_missed / max(n_missed, 1):.0%} of the misses)"
+        )
+        results["at_global_1pct_fpr_threshold"]["on_artefact"] = {
+            "real": n_on,
+            "missed": n_on_missed,
+        }
     # Completeness table (overall, at the overall 1 %-FPR threshold).
     curve = per["all"].completeness
     assert curve is not None

@@ -111,7 +111,7 @@ __all__ = [
     "simulated_pair_specs",
 ]
 
-BUILDER_VERSION = "8"
+BUILDER_VERSION = "9"
 """Version of the recipes and of the pipeline behaviour they rely on (5: WCS errors above
 0.15 px corrected with stars, ``AlignConfig.max_wcs_error_pix``; 6: that decision taken on
 the fitted correction; 7: candidates that something else at a fake's spot outweighs are
@@ -119,7 +119,9 @@ left out, ``FakeConfig.dominated_snr``, and the fakes table records each fake's 
 S/N, placement and whether it was outweighed; 8: candidates on a source of a real pair
 that changed between its visits are left out, not labelled bogus,
 ``RealPairSpec.known_sources``, which changes real pairs only, though every pair is
-rebuilt); part of every cache key, so changing it rebuilds every
+rebuilt; 9: the fakes table records whether a simulated fake lies on a cosmic ray or a bad
+column of either epoch, ``on_artefact``; examples and labels as version 8); part of every
+cache key, so changing it rebuilds every
 pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
@@ -631,9 +633,9 @@ class PairOutcome:
         Per-example columns (``triplets``, ``labels``, ``kind``, ``snr``, ``polarity``,
         ``fwhm``, ``pixel_scale``) and per-fake ones (``fake_snr``, ``fake_polarity``,
         ``fake_detected``, ``fake_masked``, ``fake_measured_snr``, ``fake_dominated``,
-        ``fake_where``); empty when skipped. :func:`build_training_set` keeps the
-        outcomes without ``triplets``, which stay in each pair's cache file until the set
-        is joined.
+        ``fake_where``, ``fake_on_artefact``); empty when skipped.
+        :func:`build_training_set` keeps the outcomes without ``triplets``, which stay in
+        each pair's cache file until the set is joined.
     n_candidates : int
         Candidates the pipeline found.
     n_ambiguous : int
@@ -788,6 +790,49 @@ class _Fakes:
     snr: NDArray[np.float64]
     polarity: NDArray[np.int8]
     where: list[str]
+    # A simulated pair's truth: a cosmic ray or bad column within a FWHM (False elsewhere).
+    on_artefact: NDArray[np.bool_] | None = None
+
+
+def _near_pixels(
+    pixels: NDArray[np.bool_], x: NDArray[np.float64], y: NDArray[np.float64], radius: float
+) -> NDArray[np.bool_]:
+    """Whether any flagged pixel lies within ``radius`` of each position.
+
+    Parameters
+    ----------
+    pixels : ndarray of bool, shape (ny, nx)
+        Flagged pixels (a simulated epoch's cosmic rays, its bad columns).
+    x, y : ndarray
+        0-based positions on that grid; positions off it see only the pixels on it.
+    radius : float
+        Distance from a position to a pixel centre, pixels.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    ny, nx = pixels.shape
+    out = np.zeros(len(x), dtype=bool)
+    r = math.ceil(radius)
+    for i, (px, py) in enumerate(zip(np.asarray(x, float), np.asarray(y, float), strict=True)):
+        if not (np.isfinite(px) and np.isfinite(py)):
+            continue
+        cx, cy = round(px), round(py)
+        x0, x1 = max(cx - r, 0), min(cx + r + 1, nx)
+        y0, y1 = max(cy - r, 0), min(cy + r + 1, ny)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        inside = (xx - px) ** 2 + (yy - py) ** 2 <= radius**2
+        out[i] = bool(np.any(pixels[y0:y1, x0:x1] & inside))
+    return out
+
+
+def _artefact_pixels(epoch: SimulatedExposure) -> NDArray[np.bool_]:
+    """A simulated epoch's cosmic-ray and bad-column pixels (the truth, masked or not)."""
+    bad = (epoch.exposure.mask & np.uint16(MaskBit.BAD)) != 0
+    return np.asarray(epoch.cosmic_rays, dtype=bool) | bad
 
 
 def _draw_fakes(
@@ -939,6 +984,11 @@ def _examples(
         "fake_measured_snr": fake_measured,
         "fake_dominated": labelled.dominated,
         "fake_where": np.asarray(fakes.where, dtype=str).reshape(-1),
+        "fake_on_artefact": (
+            np.zeros(len(fakes.x), dtype=bool)
+            if fakes.on_artefact is None
+            else np.asarray(fakes.on_artefact, dtype=bool)
+        ),
     }
     return arrays, len(cands), int(np.sum(all_labels == AMBIGUOUS))
 
@@ -1031,6 +1081,12 @@ def run_simulated_pair(
         stars=sim_science.stars,
         pixel_scale=spec.field_config.pixel_scale,
     )
+    # The truth the stamps cannot show: a cosmic ray or bad column of either epoch within
+    # a FWHM of the fake (the reference's looked up on its own grid).
+    rx, ry = _to_grid(science, reference, fakes.x, fakes.y)
+    fakes.on_artefact = _near_pixels(
+        _artefact_pixels(sim_science), fakes.x, fakes.y, float(sim_science.true_psf.fwhm)
+    ) | _near_pixels(_artefact_pixels(sim_reference), rx, ry, float(sim_reference.true_psf.fwhm))
     psf_args: dict[str, PsfModel] = {}
     if spec.recipe == "psf-mismatch":
         psf_args = {
@@ -1428,6 +1484,7 @@ def _assemble(
         "measured_snr": np.concatenate([o.arrays["fake_measured_snr"] for o in used]),
         "dominated": np.concatenate([o.arrays["fake_dominated"] for o in used]),
         "where": np.concatenate([o.arrays["fake_where"] for o in used]),
+        "on_artefact": np.concatenate([o.arrays["fake_on_artefact"] for o in used]),
     }
 
     def cat(name: str) -> NDArray[Any]:

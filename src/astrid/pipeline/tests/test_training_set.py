@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
 from astrid.ml.dataset import BOGUS, REAL, TrainingSet
@@ -16,6 +18,7 @@ from astrid.pipeline.training_set import (
     FakeConfig,
     SimulatedPairSpec,
     TrainingSetConfig,
+    _near_pixels,
     build_training_set,
     few_star_difference_config,
     load_training_set,
@@ -266,6 +269,58 @@ def test_fakes_outweighed_by_a_star_residual_are_left_out(
     bright = earlier["detected"] & (earlier["snr"] >= 20) & (earlier["where"] == "isolated")
     ratio = earlier["measured_snr"][bright] / earlier["snr"][bright]
     assert bright.sum() >= 5 and 0.8 < np.median(ratio) < 1.2
+
+
+def test_near_pixels_looks_within_the_radius_only() -> None:
+    pixels = np.zeros((20, 30), dtype=bool)
+    pixels[12, 10] = True
+    x = np.array([10.0, 12.9, 13.1, 10.0, np.nan, -2.5, 10.0])
+    y = np.array([12.0, 12.0, 12.0, 14.9, 12.0, 12.0, 40.0])
+    near = _near_pixels(pixels, x, y, 3.0)
+    np.testing.assert_array_equal(near, [True, True, False, True, False, False, False])
+    edge = np.zeros((20, 30), dtype=bool)
+    edge[12, 0] = True  # a position off the grid sees the pixels on it
+    assert _near_pixels(edge, np.array([-1.5]), np.array([12.0]), 2.0).tolist() == [True]
+
+
+def test_fakes_on_a_cosmic_ray_or_bad_column_are_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from astrid.pipeline import training_set
+
+    base = _spec("sim-a", "misaligned", 50)
+    clean = replace(
+        base,
+        field_config=replace(FIELD, cosmic_ray_rate=0.0, n_bad_columns=0),
+        reference_cosmic_ray_rate=0.0,
+    )
+    config = TrainingSetConfig(
+        name="clean",
+        fractions=(1.0, 0.0, 0.0),
+        real_pairs=False,
+        difference=few_star_difference_config(),
+    )
+    with threadpool_limits(1):
+        clean_set, _ = build_training_set(config, tmp_path, specs=[clean])
+    on = clean_set.fakes["on_artefact"]
+    assert on.dtype == bool and len(on) > 0 and not on.any()
+    # Which pixels count comes from the simulated truth of each epoch: where it flags the
+    # science's every pixel, every fake is on one (the positions' geometry is tested above).
+    truth = training_set._artefact_pixels
+    calls: list[int] = []
+
+    def flag_science(epoch: Any) -> NDArray[np.bool_]:
+        calls.append(epoch.epoch)
+        flags = truth(epoch)
+        return np.ones_like(flags) if epoch.epoch == 1 else flags
+
+    monkeypatch.setattr(training_set, "_artefact_pixels", flag_science)
+    with threadpool_limits(1):
+        # A fresh folder: the pair is not read back from the first build's cache.
+        flagged, _ = build_training_set(config, tmp_path / "flagged", specs=[clean])
+    assert sorted(calls) == [0, 1]  # science (epoch 1) and reference (epoch 0)
+    assert flagged.fakes["on_artefact"].all()
+    np.testing.assert_array_equal(flagged.labels, clean_set.labels)  # labels untouched
 
 
 def test_a_source_that_changed_between_real_visits_is_not_bogus(shared_data: Path) -> None:

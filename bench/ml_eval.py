@@ -271,11 +271,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "positive": part.polarity > 0,
         "negative (faded)": part.polarity < 0,
     }
-    # Simulated fakes on a cosmic ray or bad column of either epoch (builder version 9
+    # Simulated fakes on a cosmic ray, bad column or trail of either epoch (builder version 9
     # on): the stamps show both, and noise-free truth says which.
     on_artefact = _fake_column(part, "on_artefact")
     if not np.all(np.isnan(on_artefact[part.labels == 1])):
-        selections["clear of CR/bad column"] = (part.source == "simulated") & (
+        selections["clear of artefacts"] = (part.source == "simulated") & (
             (part.labels == 0) | (on_artefact == 0)
         )
     unmatched = int(np.sum(np.isnan(measured)))
@@ -335,7 +335,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if on.any():
         n_on, n_on_missed = int(on.sum()), int((on & missed).sum())
         print(
-            f"  real on a cosmic ray or bad column: {n_on} of {int((labels == 1).sum())}, "
+            f"  real on a cosmic ray, bad column or trail: {n_on} of {int((labels == 1).sum())}, "
             f"{n_on_missed} of them missed ({n_on_missed / max(n_missed, 1):.0%} of the misses)"
         )
         results["at_global_1pct_fpr_threshold"]["on_artefact"] = {

@@ -119,10 +119,9 @@ left out, ``FakeConfig.dominated_snr``, and the fakes table records each fake's 
 S/N, placement and whether it was outweighed; 8: candidates on a source of a real pair
 that changed between its visits are left out, not labelled bogus,
 ``RealPairSpec.known_sources``, which changes real pairs only, though every pair is
-rebuilt; 9: the fakes table records whether a simulated fake lies on a cosmic ray or a bad
-column of either epoch, ``on_artefact``; examples and labels as version 8); part of every
-cache key, so changing it rebuilds every
-pair."""
+rebuilt; 9: the fakes table records whether a simulated fake lies on a cosmic ray, a bad
+column or a satellite trail of either epoch, ``on_artefact``; examples and labels as
+version 8); part of every cache key, so changing it rebuilds every pair."""
 
 Recipe = Literal["resampled", "misaligned", "psf-mismatch"]
 Profile = Literal["ztf", "decam", "rubin", "generic"]
@@ -790,7 +789,8 @@ class _Fakes:
     snr: NDArray[np.float64]
     polarity: NDArray[np.int8]
     where: list[str]
-    # A simulated pair's truth: a cosmic ray or bad column within a FWHM (False elsewhere).
+    # A simulated pair's truth: a cosmic ray, bad column or trail within a FWHM (False
+    # elsewhere).
     on_artefact: NDArray[np.bool_] | None = None
 
 
@@ -802,7 +802,7 @@ def _near_pixels(
     Parameters
     ----------
     pixels : ndarray of bool, shape (ny, nx)
-        Flagged pixels (a simulated epoch's cosmic rays, its bad columns).
+        Flagged pixels (a simulated epoch's cosmic rays, bad columns, trails).
     x, y : ndarray
         0-based positions on that grid; positions off it see only the pixels on it.
     radius : float
@@ -830,9 +830,10 @@ def _near_pixels(
 
 
 def _artefact_pixels(epoch: SimulatedExposure) -> NDArray[np.bool_]:
-    """A simulated epoch's cosmic-ray and bad-column pixels (the truth, masked or not)."""
+    """A simulated epoch's cosmic-ray, bad-column and trail-core pixels (the truth,
+    masked or not)."""
     bad = (epoch.exposure.mask & np.uint16(MaskBit.BAD)) != 0
-    return np.asarray(epoch.cosmic_rays, dtype=bool) | bad
+    return np.asarray(epoch.cosmic_rays, dtype=bool) | bad | np.asarray(epoch.trails, bool)
 
 
 def _draw_fakes(
@@ -1081,8 +1082,8 @@ def run_simulated_pair(
         stars=sim_science.stars,
         pixel_scale=spec.field_config.pixel_scale,
     )
-    # The truth the stamps cannot show: a cosmic ray or bad column of either epoch within
-    # a FWHM of the fake (the reference's looked up on its own grid).
+    # The truth the stamps cannot show: a cosmic ray, bad column or trail of either epoch
+    # within a FWHM of the fake (the reference's looked up on its own grid).
     rx, ry = _to_grid(science, reference, fakes.x, fakes.y)
     fakes.on_artefact = _near_pixels(
         _artefact_pixels(sim_science), fakes.x, fakes.y, float(sim_science.true_psf.fwhm)

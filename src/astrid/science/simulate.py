@@ -456,6 +456,9 @@ class SimulatedExposure:
         Pixels that received cosmic-ray charge.
     n_cosmic_rays : int
         Cosmic-ray hits (tracks and spots) in the image.
+    trails : ndarray, shape (ny, nx), bool
+        The cores of the satellite trails (within half a FWHM of each line); all False
+        without trails.
     stars : astropy.table.Table
         Stars with their centre on the image: ``id`` (as in the field), ``x``, ``y``
         (0-based, this image), ``mag`` and ``flux`` (ADU) in this image, ``saturated``
@@ -479,6 +482,7 @@ class SimulatedExposure:
     background: NDArray[np.float32]
     cosmic_rays: NDArray[np.bool_]
     n_cosmic_rays: int
+    trails: NDArray[np.bool_]
     stars: Table
     galaxies: Table
     transients: Table
@@ -1367,15 +1371,17 @@ def _render_trails(
     fwhm: float,
     sky_sigma: float,
     rng: np.random.Generator,
-) -> None:
+) -> NDArray[np.bool_]:
     """Add ``n`` straight trails across ``image`` (in place), in its data units.
 
     Each crosses the whole frame through a random point at a random angle, with a
     Gaussian cross-section of the seeing's FWHM (pixels) and a peak of 0.5-10 times the
     sky noise ``sky_sigma`` (log-uniform). Half glint: their brightness along the line
-    is a train of Gaussian dots, every 3-12 px.
+    is a train of Gaussian dots, every 3-12 px. Returns the trails' cores: the pixels
+    within half a FWHM of a line (glinting or not).
     """
     ny, nx = image.shape
+    cores = np.zeros((ny, nx), dtype=bool)
     sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
     for _ in range(n):
@@ -1393,6 +1399,8 @@ def _render_trails(
             phase = np.mod(along, period) - 0.5 * period
             profile *= np.exp(-0.5 * (phase / max(sigma, 0.5)) ** 2)
         image[near] += np.float32(peak) * profile.astype(np.float32)
+        cores |= np.abs(across) <= 0.5 * fwhm
+    return cores
 
 
 def simulate_exposure(
@@ -1497,8 +1505,9 @@ def simulate_exposure(
         0.1 * sky_sigma,
     )
 
+    trails = np.zeros(shape, dtype=bool)
     if conditions.satellite_trails:
-        _render_trails(
+        trails = _render_trails(
             sources,
             conditions.satellite_trails,
             conditions.fwhm / config.pixel_scale,
@@ -1620,6 +1629,7 @@ def simulate_exposure(
         background=background,
         cosmic_rays=cosmic_rays,
         n_cosmic_rays=n_cr,
+        trails=trails,
         stars=star_table,
         galaxies=galaxy_table,
         transients=transient_table,

@@ -156,6 +156,11 @@ def test_satellite_trail_is_a_psf_wide_line_and_changes_nothing_else() -> None:
     # Its peak is 0.5-10 times the sky noise.
     sky_sigma = float(np.sqrt(np.median(plain.exposure.variance)))
     assert 0.4 * sky_sigma < model.max() < 11.0 * sky_sigma
+    # The truth keeps the trail's core: lit pixels, the brightest of the trail's.
+    assert not plain.trails.any()
+    core = trailed.trails
+    assert 0 < core.sum() < lit.sum() and np.all(lit[core])
+    assert float(np.mean(model[core])) > 2.0 * float(np.mean(model[lit & ~core]))
     with pytest.raises(ValueError, match="satellite_trails"):
         EpochConditions(satellite_trails=-1)
 

@@ -283,7 +283,7 @@ def test_near_pixels_looks_within_the_radius_only() -> None:
     assert _near_pixels(edge, np.array([-1.5]), np.array([12.0]), 2.0).tolist() == [True]
 
 
-def test_fakes_on_a_cosmic_ray_or_bad_column_are_recorded(
+def test_fakes_on_a_cosmic_ray_bad_column_or_trail_are_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from astrid.pipeline import training_set

@@ -52,6 +52,13 @@ class _StarHosts(StrEnum):
     magnitude = "magnitude"
 
 
+class _OnArtefact(StrEnum):
+    """``FakeConfig.on_artefact``: the label of a fake on a simulated artefact."""
+
+    real = "real"
+    ambiguous = "ambiguous"
+
+
 class _EmaSchedule(StrEnum):
     """``TrainConfig.ema_schedule``: whose validation loss the schedule follows."""
 
@@ -211,6 +218,13 @@ def train(
         "star's residual, a dipole lobe) outweighs; by default they are left out "
         "(FakeConfig.dominated_snr).",
     ),
+    fakes_on_artefacts: _OnArtefact = typer.Option(
+        _OnArtefact.real,
+        "--fakes-on-artefacts",
+        help="Label of the candidates on a simulated fake with a cosmic ray, bad column "
+        "or satellite trail of either epoch within 1 FWHM: real (as any fake) or "
+        "ambiguous (left out of the set; FakeConfig.on_artefact).",
+    ),
     fields_seed: int | None = typer.Option(
         None,
         "--fields-seed",
@@ -268,10 +282,14 @@ def train(
             "needs --ema-decay: there is no average to schedule", param_hint="--ema-schedule"
         )
     if dataset is not None:
-        if star_hosts is not _StarHosts.uniform or keep_dominated:
+        if (
+            star_hosts is not _StarHosts.uniform
+            or keep_dominated
+            or fakes_on_artefacts is not _OnArtefact.real
+        ):
             typer.echo(
-                "--star-hosts and --keep-dominated apply to a set being built; --dataset is "
-                "used as is",
+                "--star-hosts, --keep-dominated and --fakes-on-artefacts apply to a set "
+                "being built; --dataset is used as is",
                 err=True,
             )
         if build_only:
@@ -283,12 +301,14 @@ def train(
             name=f"real-bogus-{fields}x{pairs_per_field}"
             + ("" if fields_seed is None else f"-seed{fields_seed}")
             + ("" if star_hosts is _StarHosts.uniform else f"-{star_hosts.value}-hosts")
-            + ("-keep-dominated" if keep_dominated else ""),
+            + ("-keep-dominated" if keep_dominated else "")
+            + ("" if fakes_on_artefacts is _OnArtefact.real else "-artefacts-ambiguous"),
             n_fields=fields,
             pairs_per_field=pairs_per_field,
             fakes=FakeConfig(
                 star_hosts=cast(Literal["uniform", "magnitude"], star_hosts.value),
                 dominated_snr=None if keep_dominated else FakeConfig().dominated_snr,
+                on_artefact=cast(Literal["real", "ambiguous"], fakes_on_artefacts.value),
             ),
         )
         if fields_seed is not None:

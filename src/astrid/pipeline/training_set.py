@@ -76,7 +76,14 @@ from scipy import ndimage
 from astrid import __version__
 from astrid.errors import AstridError
 from astrid.exposure import Exposure, MaskBit
-from astrid.ml.dataset import AMBIGUOUS, BOGUS, TrainingSet, assign_splits, label_candidates
+from astrid.ml.dataset import (
+    AMBIGUOUS,
+    BOGUS,
+    REAL,
+    TrainingSet,
+    assign_splits,
+    label_candidates,
+)
 from astrid.pipeline.difference import DifferenceConfig, DifferenceResult, difference_pair
 from astrid.pipeline.injection import ideal_difference_snr
 from astrid.science.psf_model import PsfModel
@@ -218,6 +225,14 @@ class FakeConfig:
         that outweighs the fake (:func:`astrid.ml.dataset.label_candidates`). The
         default is the detection threshold, 5; None labels every matched candidate real
         (the rule of builder versions up to 6).
+    on_artefact : {"real", "ambiguous"}
+        The label of a candidate on a simulated fake that a cosmic ray, a bad column or a
+        satellite trail's core of either epoch lies within 1 FWHM of (the fakes table's
+        ``on_artefact``). ``"real"`` (the default, every set before this option): the
+        fake's label, as for any other fake. ``"ambiguous"``: left out, as a candidate
+        an artefact outweighs is; a training choice (what such a stamp shows is mostly
+        the artefact), never for a set that measures a model. Fakes in real images,
+        whose artefacts are not known, keep their label.
     """
 
     n_fakes: tuple[int, int] = (40, 80)
@@ -229,8 +244,11 @@ class FakeConfig:
     max_bogus: int = 100
     star_hosts: Literal["uniform", "magnitude"] = "uniform"
     dominated_snr: float | None = 5.0
+    on_artefact: Literal["real", "ambiguous"] = "real"
 
     def __post_init__(self) -> None:
+        if self.on_artefact not in ("real", "ambiguous"):
+            raise ValueError(f"on_artefact must be 'real' or 'ambiguous', not {self.on_artefact!r}")
         if self.star_hosts not in ("uniform", "magnitude"):
             raise ValueError(
                 f"star_hosts must be 'uniform' or 'magnitude', not {self.star_hosts!r}"
@@ -948,6 +966,12 @@ def _examples(
         near = np.min(np.hypot(cx[:, None] - known_x, cy[:, None] - known_y), axis=1)
         on_known = (all_labels == BOGUS) & (near <= 2.0 * cand_fwhm)
         all_labels[on_known] = AMBIGUOUS
+    if cfg.on_artefact == "ambiguous" and fakes.on_artefact is not None:
+        matched_fake = labelled.fake_index
+        on_art = np.zeros(len(all_labels), dtype=bool)
+        has = (all_labels == REAL) & (matched_fake >= 0)
+        on_art[has] = np.asarray(fakes.on_artefact, dtype=bool)[matched_fake[has]]
+        all_labels[on_art] = AMBIGUOUS
     keep = all_labels != AMBIGUOUS
     bogus = np.flatnonzero(all_labels == BOGUS)
     if not keep_bogus:

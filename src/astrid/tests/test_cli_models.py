@@ -127,12 +127,15 @@ def test_negative_ztf_difference_is_turned_back(shared_data: Path, flag: str) ->
     assert (centre < 0) == (flag == "f")
 
 
-def test_train_refuses_an_unknown_star_host_rule(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "value"), [("--star-hosts", "brightest"), ("--fakes-on-artefacts", "bogus")]
+)
+def test_train_refuses_an_unknown_set_rule(tmp_path: Path, option: str, value: str) -> None:
     result = runner.invoke(
-        app, ["train", "--data-dir", str(tmp_path), "--fields", "3", "--star-hosts", "brightest"]
+        app, ["train", "--data-dir", str(tmp_path), "--fields", "3", option, value]
     )
     assert result.exit_code == 2
-    assert "--star-hosts" in result.output and "brightest" in result.output
+    assert option in result.output and value in result.output
     assert not (tmp_path / "training").exists()
 
 
@@ -239,10 +242,14 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     from astrid.pipeline.real_bogus import RealBogusConfig
 
     base = RealBogusConfig().cnn_training
-    # --keep-dominated applies to a set being built: with --dataset it is refused aloud.
-    default = runner.invoke(app, [*common, "--name", "plain", "--keep-dominated"])
+    # --keep-dominated and --fakes-on-artefacts apply to a set being built: with --dataset
+    # they are refused aloud.
+    default = runner.invoke(
+        app,
+        [*common, "--name", "plain", "--keep-dominated", "--fakes-on-artefacts", "ambiguous"],
+    )
     assert default.exit_code == 0, default.output
-    assert "--keep-dominated apply to a set being built" in default.output
+    assert "--fakes-on-artefacts apply to a set being built" in _plain(default.output)
     params = _run_params(registry, "plain", 1).params
     assert params["train_patience"] == str(base.patience)
     assert params["train_plateau_patience"] == str(base.plateau_patience)

@@ -323,6 +323,55 @@ def test_fakes_on_a_cosmic_ray_bad_column_or_trail_are_recorded(
     np.testing.assert_array_equal(flagged.labels, clean_set.labels)  # labels untouched
 
 
+def test_fakes_on_artefacts_left_out_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from astrid.pipeline import training_set
+
+    truth = training_set._artefact_pixels
+
+    def left_half(epoch: Any) -> NDArray[np.bool_]:
+        # The science's left half counts as an artefact, so some fakes are on one and
+        # some are not.
+        flags = truth(epoch)
+        if epoch.epoch == 1:
+            flags = flags.copy()
+            flags[:, : flags.shape[1] // 2] = True
+        return flags
+
+    monkeypatch.setattr(training_set, "_artefact_pixels", left_half)
+    spec = _spec("sim-a", "resampled", 10)
+    config = TrainingSetConfig(
+        name="labelled",
+        fractions=(1.0, 0.0, 0.0),
+        real_pairs=False,
+        difference=few_star_difference_config(),
+    )
+    left_out = replace(spec, fakes=replace(spec.fakes, on_artefact="ambiguous"))
+    with threadpool_limits(1):
+        kept, kept_manifest = build_training_set(config, tmp_path, specs=[spec])
+        dropped, manifest = build_training_set(
+            replace(config, name="dropped"), tmp_path, specs=[left_out]
+        )
+    fakes = dropped.fakes
+    np.testing.assert_array_equal(fakes["on_artefact"], kept.fakes["on_artefact"])
+    real_on = fakes["detected"] & fakes["on_artefact"] & ~fakes["dominated"]
+    real_clear = fakes["detected"] & ~fakes["on_artefact"] & ~fakes["dominated"]
+    assert real_on.sum() > 0 and real_clear.sum() > 0
+    # Each real candidate matches one fake: those on an artefact are gone, the rest stay.
+    assert int(np.sum(kept.labels == REAL)) == int(real_on.sum() + real_clear.sum())
+    assert int(np.sum(dropped.labels == REAL)) == int(real_clear.sum())
+    assert manifest["n_ambiguous_dropped"] == kept_manifest["n_ambiguous_dropped"] + int(
+        real_on.sum()
+    )
+    # The bogus class is the same, stamp for stamp.
+    np.testing.assert_array_equal(
+        dropped.triplets[dropped.labels == BOGUS], kept.triplets[kept.labels == BOGUS]
+    )
+    with pytest.raises(ValueError, match="on_artefact"):
+        FakeConfig(on_artefact="bogus")  # type: ignore[arg-type]
+
+
 def test_a_source_that_changed_between_real_visits_is_not_bogus(shared_data: Path) -> None:
     # The sfft DECam pair holds a source that brightened between the visits (found in
     # every exposure pair); its candidate is left out, the rest of the pair is unchanged.

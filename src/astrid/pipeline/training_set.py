@@ -1571,6 +1571,7 @@ def _manifest(
         "n_fakes_detected": int(np.sum(fakes.get("detected", np.zeros(0, bool)))),
         "n_fakes_masked": int(np.sum(fakes.get("masked", np.zeros(0, bool)))),
         "n_fakes_dominated": int(np.sum(fakes.get("dominated", np.zeros(0, bool)))),
+        "n_fakes_on_artefact": int(np.sum(fakes.get("on_artefact", np.zeros(0, bool)))),
         "pair_seconds": round(float(sum(o.seconds for o in outcomes)), 1),
         "build_seconds": round(seconds, 1),
         **training_set.counts(),

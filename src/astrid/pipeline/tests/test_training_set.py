@@ -358,6 +358,7 @@ def test_fakes_on_artefacts_left_out_when_asked(
     real_on = fakes["detected"] & fakes["on_artefact"] & ~fakes["dominated"]
     real_clear = fakes["detected"] & ~fakes["on_artefact"] & ~fakes["dominated"]
     assert real_on.sum() > 0 and real_clear.sum() > 0
+    assert manifest["n_fakes_on_artefact"] == int(fakes["on_artefact"].sum())
     # Each real candidate matches one fake: those on an artefact are gone, the rest stay.
     assert int(np.sum(kept.labels == REAL)) == int(real_on.sum() + real_clear.sum())
     assert int(np.sum(dropped.labels == REAL)) == int(real_clear.sum())

@@ -226,13 +226,14 @@ class FakeConfig:
         default is the detection threshold, 5; None labels every matched candidate real
         (the rule of builder versions up to 6).
     on_artefact : {"real", "ambiguous"}
-        The label of a candidate on a simulated fake that a cosmic ray, a bad column or a
-        satellite trail's core of either epoch lies within 1 FWHM of (the fakes table's
-        ``on_artefact``). ``"real"`` (the default, every set before this option): the
-        fake's label, as for any other fake. ``"ambiguous"``: left out, as a candidate
-        an artefact outweighs is; a training choice (what such a stamp shows is mostly
-        the artefact), never for a set that measures a model. Fakes in real images,
-        whose artefacts are not known, keep their label.
+        What becomes of a candidate on a simulated fake with a cosmic ray, a bad column
+        or a satellite trail's core of either epoch within 1 FWHM (the fakes table's
+        ``on_artefact``). ``"real"`` (the default; every set before this option): it is
+        real, as on any other fake. ``"ambiguous"``: it is left out, as a candidate an
+        artefact outweighs is. A training choice, which did not pay (``docs/ml.md``):
+        the set's own test split loses those candidates too, so a set that measures a
+        model keeps the default. Fakes in real images, whose artefacts are not known,
+        keep their label.
     """
 
     n_fakes: tuple[int, int] = (40, 80)

@@ -54,6 +54,13 @@ takes for real::
 
     python bench/ml_eval.py variable-stars [--model BUNDLE] [--fwhm 2.0]
 
+``stack`` bounds what numbers production knows besides the stamps would add: it fits
+scikit-learn's ``HistGradientBoostingClassifier`` on one set to the model's logit, the
+measured ``|S/N|``, the PSF FWHM at the candidate and the polarity (and, as a control, to
+the logit alone), and measures both beside the model on other sets::
+
+    python bench/ml_eval.py stack <fit set> <set> [<set> ...] [--model BUNDLE]
+
 ``ztf-context`` scores ZTF alerts and prints the AUC against ``drb >= 0.5`` by polarity
 and by whether the reference has a source under the candidate (``candidate.distnr``
 below 1.5 arcsec: variable stars, nuclear transients), and on the alerts where ZTF's two
@@ -824,6 +831,78 @@ def cmd_variable_stars(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_features(part: Any, logits: np.ndarray, logit_only: bool) -> np.ndarray:
+    """Columns of the stacked classifier: the model's logit, then what production knows.
+
+    The measured ``|S/N|`` (log10; NaN where a real example has none, which the boosted
+    trees route on their own), the PSF FWHM at the candidate in pixels and the polarity.
+    """
+    if logit_only:
+        return logits[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_snr = np.log10(_measured_snr(part))
+    return np.column_stack(
+        [logits, log_snr, np.asarray(part.fwhm, np.float64), np.asarray(part.polarity, np.float64)]
+    )
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    """Fit a boosted classifier on a model's logit plus candidate numbers; measure it."""
+    import torch
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from astrid.ml.evaluate import classifier_metrics
+    from astrid.ml.serve import Scorer
+    from astrid.pipeline.training_set import load_training_set
+
+    torch.set_num_threads(args.threads)
+    scorer = Scorer.from_path(args.model) if args.model else Scorer.packaged("real_bogus")
+    print(f"model {scorer.metadata.name} version {scorer.version}")
+
+    def scored(path: str) -> tuple[Any, np.ndarray, str]:
+        data = load_training_set(path, mmap=True)
+        part = data.part("test")
+        logits = scorer.logits(part.triplets).astype(np.float64)
+        return part, logits, data.content_hash()
+
+    fit_part, fit_logits, fit_hash = scored(args.fit)
+    print(f"fit set {fit_hash[:12]}: {len(fit_part)} examples, {int(fit_part.labels.sum())} real")
+    fitted = {}
+    for name, logit_only in (("logit only", True), ("stacked", False)):
+        clf = HistGradientBoostingClassifier(
+            max_iter=args.iterations, learning_rate=0.05, random_state=args.seed
+        )
+        clf.fit(_stack_features(fit_part, fit_logits, logit_only), fit_part.labels.astype(int))
+        fitted[name] = (clf, logit_only)
+    results: dict[str, Any] = {"fit_sha256": fit_hash, "sets": {}}
+    header = f"{'set':<14} {'scores':<11} {'AUC':>7} {'missed@1%FPR':>13} {'FPR@1%missed':>13}"
+    print(header + f" {'missed@1%FPR, S/N>=10':>22}")
+    for path in args.sets:
+        part, logits, content = scored(path)
+        labels = part.labels.astype(int)
+        bright = _measured_snr(part) >= 10.0
+        rows = {"model": 1.0 / (1.0 + np.exp(-logits))}
+        for name, (clf, logit_only) in fitted.items():
+            rows[name] = clf.predict_proba(_stack_features(part, logits, logit_only))[:, 1]
+        results["sets"][content] = {}
+        for name, scores in rows.items():
+            m = classifier_metrics(labels, scores)
+            mb = classifier_metrics(labels[bright], scores[bright])
+            results["sets"][content][name] = {
+                "auc": m.auc,
+                "fnr_at_1pct_fpr": m.fnr_at_1pct_fpr,
+                "fpr_at_1pct_fnr": m.fpr_at_1pct_fnr,
+                "fnr_at_1pct_fpr_snr10": mb.fnr_at_1pct_fpr,
+            }
+            print(
+                f"{content[:12]:<14} {name:<11} {m.auc:>7.4f} {m.fnr_at_1pct_fpr:>13.2%} "
+                f"{m.fpr_at_1pct_fnr:>13.2%} {mb.fnr_at_1pct_fpr:>22.2%}"
+            )
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -894,6 +973,17 @@ def main(argv: list[str] | None = None) -> int:
     vs.add_argument("--seed", type=int, default=0)
     vs.add_argument("--threads", type=int, default=2)
     vs.set_defaults(func=cmd_variable_stars)
+    st = sub.add_parser(
+        "stack", help="bound what the measured S/N, PSF FWHM and polarity add to a model"
+    )
+    st.add_argument("fit", help="set the stacked classifier is fitted on (.npz of build)")
+    st.add_argument("sets", nargs="+", help="sets it is measured on")
+    st.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    st.add_argument("--iterations", type=int, default=200, help="boosting iterations")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("-o", "--output", default=None, help="metrics as JSON")
+    st.add_argument("--threads", type=int, default=2)
+    st.set_defaults(func=cmd_stack)
     zc = sub.add_parser("ztf-context", help="AUC against drb by polarity and host")
     zc.add_argument("paths", nargs="+", help="ZTF alert files or folders")
     zc.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")

@@ -57,9 +57,11 @@ takes for real::
 ``stack`` bounds what numbers production knows besides the stamps would add: it fits
 scikit-learn's ``HistGradientBoostingClassifier`` on one set to the model's logit, the
 measured ``|S/N|``, the PSF FWHM at the candidate and the polarity (and, as a control, to
-the logit alone), and measures both beside the model on other sets::
+the logit alone), and measures both beside the model on other sets; ``--method
+logistic`` fits a logistic regression to those numbers and their products with the logit
+instead, a smooth model that does not bin the logit::
 
-    python bench/ml_eval.py stack <fit set> <set> [<set> ...] [--model BUNDLE]
+    python bench/ml_eval.py stack <fit set> <set> [<set> ...] [--model BUNDLE] [--method logistic]
 
 ``ztf-context`` scores ZTF alerts and prints the AUC against ``drb >= 0.5`` by polarity
 and by whether the reference has a source under the candidate (``candidate.distnr``
@@ -831,18 +833,41 @@ def cmd_variable_stars(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack_features(part: Any, logits: np.ndarray, logit_only: bool) -> np.ndarray:
+def _stack_features(
+    part: Any, logits: np.ndarray, logit_only: bool, *, smooth: bool = False
+) -> np.ndarray:
     """Columns of the stacked classifier: the model's logit, then what production knows.
 
     The measured ``|S/N|`` (log10; NaN where a real example has none, which the boosted
     trees route on their own), the PSF FWHM at the candidate in pixels and the polarity.
+    ``smooth`` (for a logistic regression) fills a missing S/N with 5, adds a column that
+    flags it, and adds the products of the logit with each number and the squares of the
+    logit and of the log S/N, so that a linear model can bend the threshold.
     """
     if logit_only:
         return logits[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         log_snr = np.log10(_measured_snr(part))
+    fwhm = np.asarray(part.fwhm, np.float64)
+    polarity = np.asarray(part.polarity, np.float64)
+    if not smooth:
+        return np.column_stack([logits, log_snr, fwhm, polarity])
+    missing = np.isnan(log_snr)
+    log_snr = np.where(missing, np.log10(5.0), log_snr)
     return np.column_stack(
-        [logits, log_snr, np.asarray(part.fwhm, np.float64), np.asarray(part.polarity, np.float64)]
+        [
+            logits,
+            log_snr,
+            fwhm,
+            polarity,
+            missing,
+            logits * log_snr,
+            logits * fwhm,
+            logits * polarity,
+            log_snr * polarity,
+            logits**2,
+            log_snr**2,
+        ]
     )
 
 
@@ -850,6 +875,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     """Fit a boosted classifier on a model's logit plus candidate numbers; measure it."""
     import torch
     from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     from astrid.ml.evaluate import classifier_metrics
     from astrid.ml.serve import Scorer
@@ -867,14 +895,20 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     fit_part, fit_logits, fit_hash = scored(args.fit)
     print(f"fit set {fit_hash[:12]}: {len(fit_part)} examples, {int(fit_part.labels.sum())} real")
+    smooth = args.method == "logistic"
     fitted = {}
     for name, logit_only in (("logit only", True), ("stacked", False)):
-        clf = HistGradientBoostingClassifier(
-            max_iter=args.iterations, learning_rate=0.05, random_state=args.seed
-        )
-        clf.fit(_stack_features(fit_part, fit_logits, logit_only), fit_part.labels.astype(int))
+        clf: Any
+        if smooth:
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+        else:
+            clf = HistGradientBoostingClassifier(
+                max_iter=args.iterations, learning_rate=0.05, random_state=args.seed
+            )
+        features = _stack_features(fit_part, fit_logits, logit_only, smooth=smooth)
+        clf.fit(features, fit_part.labels.astype(int))
         fitted[name] = (clf, logit_only)
-    results: dict[str, Any] = {"fit_sha256": fit_hash, "sets": {}}
+    results: dict[str, Any] = {"fit_sha256": fit_hash, "method": args.method, "sets": {}}
     header = f"{'set':<14} {'scores':<11} {'AUC':>7} {'missed@1%FPR':>13} {'FPR@1%missed':>13}"
     print(header + f" {'missed@1%FPR, S/N>=10':>22}")
     for path in args.sets:
@@ -883,7 +917,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         bright = _measured_snr(part) >= 10.0
         rows = {"model": 1.0 / (1.0 + np.exp(-logits))}
         for name, (clf, logit_only) in fitted.items():
-            rows[name] = clf.predict_proba(_stack_features(part, logits, logit_only))[:, 1]
+            features = _stack_features(part, logits, logit_only, smooth=smooth)
+            rows[name] = clf.predict_proba(features)[:, 1]
         results["sets"][content] = {}
         for name, scores in rows.items():
             m = classifier_metrics(labels, scores)
@@ -979,6 +1014,12 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("fit", help="set the stacked classifier is fitted on (.npz of build)")
     st.add_argument("sets", nargs="+", help="sets it is measured on")
     st.add_argument("--model", default=None, help="a bundle folder [default: the packaged model]")
+    st.add_argument(
+        "--method",
+        choices=("boosted", "logistic"),
+        default="boosted",
+        help="gradient-boosted trees, or a logistic regression with the logit's products",
+    )
     st.add_argument("--iterations", type=int, default=200, help="boosting iterations")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("-o", "--output", default=None, help="metrics as JSON")

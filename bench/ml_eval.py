@@ -872,8 +872,9 @@ def _stack_features(
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    """Fit a boosted classifier on a model's logit plus candidate numbers; measure it."""
+    """Fit a classifier on a model's logit plus candidate numbers; measure it on other sets."""
     import torch
+    from scipy.special import expit
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -915,7 +916,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         part, logits, content = scored(path)
         labels = part.labels.astype(int)
         bright = _measured_snr(part) >= 10.0
-        rows = {"model": 1.0 / (1.0 + np.exp(-logits))}
+        rows = {"model": expit(logits)}
         for name, (clf, logit_only) in fitted.items():
             features = _stack_features(part, logits, logit_only, smooth=smooth)
             rows[name] = clf.predict_proba(features)[:, 1]

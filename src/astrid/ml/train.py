@@ -690,10 +690,12 @@ def _fit(
     validation_loss: Callable[[nn.Module], float],
     config: TrainConfig,
     rng: np.random.Generator,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[tuple[EpochRecord, ...], int]:
     """Shared loop: Adam on BCE with logits, early stopping, best weights restored.
 
     With ``config.ema_decay`` the weights validated and kept are the moving average.
+    ``on_epoch`` receives each epoch's record as soon as the epoch is validated.
     """
     optimiser = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -744,6 +746,8 @@ def _fit(
         raw_val = validation_loss(model) if raw_schedule else None
         followed = val if raw_val is None else raw_val
         history.append(EpochRecord(epoch, total / max(seen, 1), val, learning_rate, raw_val))
+        if on_epoch is not None:
+            on_epoch(history[-1])
         if scheduler is not None:
             scheduler.step(followed)
         if val < best_loss - config.min_delta:
@@ -764,6 +768,7 @@ def train_classifier(
     *,
     model_config: TripletCnnConfig | None = None,
     config: TrainConfig | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainResult:
     """Train a :class:`~astrid.ml.models.TripletCnn` and calibrate it on validation.
 
@@ -777,6 +782,9 @@ def train_classifier(
         Architecture; None uses the default.
     config : TrainConfig or None
         Optimisation options; None uses the default.
+    on_epoch : callable or None
+        Called with each epoch's :class:`EpochRecord` as soon as it is validated (to
+        report progress during a long run); None reports nothing.
 
     Returns
     -------
@@ -818,6 +826,7 @@ def train_classifier(
             validation_loss=validation_loss,
             config=config,
             rng=rng,
+            on_epoch=on_epoch,
         )
     logits = predict_logits(model, validation.triplets)
     temperature = fit_temperature(logits, validation.labels)
@@ -838,6 +847,7 @@ def train_heatmap_model(
     *,
     model_config: UNetConfig | None = None,
     config: TrainConfig | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> HeatmapTrainResult:
     """Train a :class:`~astrid.ml.models.HeatmapUNet` on difference tiles.
 
@@ -852,6 +862,8 @@ def train_heatmap_model(
     config : TrainConfig or None
         Optimisation options (``pos_weight`` around the ratio of background to source
         pixels helps); None uses the default.
+    on_epoch : callable or None
+        As in :func:`train_classifier`.
 
     Returns
     -------
@@ -908,5 +920,6 @@ def train_heatmap_model(
             validation_loss=validation_loss,
             config=config,
             rng=rng,
+            on_epoch=on_epoch,
         )
     return HeatmapTrainResult(model=model, history=history, best_epoch=best_epoch)

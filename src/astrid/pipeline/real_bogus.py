@@ -55,6 +55,7 @@ from astrid.ml.models import (
 from astrid.ml.registry import EnergyReport, measure_energy
 from astrid.ml.serve import ModelMetadata, Scorer
 from astrid.ml.train import (
+    EpochRecord,
     TrainConfig,
     TrainResult,
     TripletDataset,
@@ -264,6 +265,31 @@ def _unet_scores(
     return out
 
 
+def epoch_line(model: str, record: EpochRecord) -> str:
+    """One line of training progress: the epoch's losses and learning rate.
+
+    Parameters
+    ----------
+    model : str
+        Name of the network being trained.
+    record : EpochRecord
+        The epoch just validated.
+
+    Returns
+    -------
+    str
+    """
+    raw_weights = (
+        ""
+        if record.raw_validation_loss is None
+        else f" (raw weights {record.raw_validation_loss:.4f})"
+    )
+    return (
+        f"{model} epoch {record.epoch}: train loss {record.train_loss:.4f}, validation loss "
+        f"{record.validation_loss:.4f}{raw_weights}, learning rate {record.learning_rate:.2g}"
+    )
+
+
 def train_real_bogus(
     training_set: TrainingSet,
     *,
@@ -328,18 +354,14 @@ def train_real_bogus(
 
     started = time.perf_counter()
     with measure_energy(country_iso_code=cfg.country_iso_code) as meter:
-        result = train_classifier(train, validation, model_config=cfg.cnn, config=cfg.cnn_training)
+        result = train_classifier(
+            train,
+            validation,
+            model_config=cfg.cnn,
+            config=cfg.cnn_training,
+            on_epoch=lambda record: say(epoch_line("TripletCnn", record)),
+        )
     seconds = time.perf_counter() - started
-    for record in result.history:
-        raw_weights = (
-            ""
-            if record.raw_validation_loss is None
-            else f" (raw weights {record.raw_validation_loss:.4f})"
-        )
-        say(
-            f"epoch {record.epoch}: train loss {record.train_loss:.4f}, validation loss "
-            f"{record.validation_loss:.4f}{raw_weights}, learning rate {record.learning_rate:.2g}"
-        )
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
     result.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     calibrated = apply_temperature(logits, result.temperature)
@@ -376,7 +398,13 @@ def train_real_bogus(
         started = time.perf_counter()
         with measure_energy(country_iso_code=cfg.country_iso_code) as unet_meter:
             unet_result = train_heatmap_model(
-                x_train, y_train, x_val, y_val, model_config=cfg.unet, config=cfg.unet_training
+                x_train,
+                y_train,
+                x_val,
+                y_val,
+                model_config=cfg.unet,
+                config=cfg.unet_training,
+                on_epoch=lambda record: say(epoch_line("HeatmapUNet", record)),
             )
         unet_seconds = time.perf_counter() - started
         x_test, _ = _unet_inputs(test, training_set.fwhm[masks[2]], cfg.unet_radius)

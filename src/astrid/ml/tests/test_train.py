@@ -13,6 +13,7 @@ from astrid.ml.metrics import expected_calibration_error, roc_auc
 from astrid.ml.models import TripletCnnConfig, UNetConfig, heatmap_scores, predict_heatmap
 from astrid.ml.tests.toy_triplets import blob, make_toy_triplets
 from astrid.ml.train import (
+    EpochRecord,
     TrainConfig,
     TripletDataset,
     apply_temperature,
@@ -155,7 +156,11 @@ def test_training_is_reproducible_for_a_seed(toy: TripletDataset) -> None:
     validation = toy.subset(np.flatnonzero(field == 4))
     state_before = torch.random.get_rng_state()
     first = train_classifier(train, validation, model_config=small, config=config)
-    second = train_classifier(train, validation, model_config=small, config=config)
+    reported: list[EpochRecord] = []
+    second = train_classifier(
+        train, validation, model_config=small, config=config, on_epoch=reported.append
+    )
+    assert tuple(reported) == second.history  # each epoch handed over as it ends
     assert torch.equal(torch.random.get_rng_state(), state_before)  # caller's state untouched
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key]), key

@@ -63,13 +63,15 @@ def test_train_real_bogus_trains_calibrates_and_measures_on_test_fields(
     assert cnn.test.auc > 0.9
     assert {"simulated", "sfft-decam"} <= set(cnn.test_by_source)
     assert 1 <= cnn.best_epoch <= cnn.epochs_run <= 6
-    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    epoch_lines = [line for line in lines if line.startswith("TripletCnn epoch ")]
     assert len(epoch_lines) == cnn.epochs_run and "learning rate" in epoch_lines[0]
     assert outcome.plots and all(p.exists() for p in outcome.plots)
+    unet_lines = [line for line in lines if line.startswith("HeatmapUNet epoch ")]
     if centre_window:
         assert outcome.unet is not None and outcome.unet.test_scores.shape == (n_test,)
+        assert len(unet_lines) == outcome.unet.epochs_run
     else:
-        assert outcome.unet is None
+        assert outcome.unet is None and not unet_lines
 
 
 @pytest.mark.filterwarnings("ignore:temperature")

@@ -265,7 +265,7 @@ def _unet_scores(
     return out
 
 
-def epoch_line(model: str, record: EpochRecord) -> str:
+def _epoch_line(model: str, record: EpochRecord) -> str:
     """One line of training progress: the epoch's losses and learning rate.
 
     Parameters
@@ -359,7 +359,7 @@ def train_real_bogus(
             validation,
             model_config=cfg.cnn,
             config=cfg.cnn_training,
-            on_epoch=lambda record: say(epoch_line("TripletCnn", record)),
+            on_epoch=lambda record: say(_epoch_line("TripletCnn", record)),
         )
     seconds = time.perf_counter() - started
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
@@ -404,7 +404,7 @@ def train_real_bogus(
                 y_val,
                 model_config=cfg.unet,
                 config=cfg.unet_training,
-                on_epoch=lambda record: say(epoch_line("HeatmapUNet", record)),
+                on_epoch=lambda record: say(_epoch_line("HeatmapUNet", record)),
             )
         unet_seconds = time.perf_counter() - started
         x_test, _ = _unet_inputs(test, training_set.fwhm[masks[2]], cfg.unet_radius)

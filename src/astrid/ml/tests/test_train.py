@@ -10,12 +10,20 @@ import torch
 from scipy.special import expit
 
 from astrid.ml.metrics import expected_calibration_error, roc_auc
-from astrid.ml.models import TripletCnnConfig, UNetConfig, heatmap_scores, predict_heatmap
+from astrid.ml.models import (
+    TripletCnn,
+    TripletCnnConfig,
+    UNetConfig,
+    heatmap_scores,
+    predict_heatmap,
+    predict_logits,
+)
 from astrid.ml.tests.toy_triplets import blob, make_toy_triplets
 from astrid.ml.train import (
     EpochRecord,
     TrainConfig,
     TripletDataset,
+    _fit,
     apply_temperature,
     augment_dihedral,
     binary_nll,
@@ -142,8 +150,6 @@ def test_cnn_learns_the_toy_problem(toy: TripletDataset) -> None:
     assert 1 <= result.best_epoch <= len(result.history) <= 6
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert roc_auc(validation.labels, result.validation_logits) > 0.95
-    from astrid.ml.models import predict_logits
-
     assert roc_auc(test.labels, predict_logits(result.model, test.triplets)) > 0.95
     assert 0.05 < result.temperature < 20
 
@@ -164,7 +170,45 @@ def test_training_is_reproducible_for_a_seed(toy: TripletDataset) -> None:
     assert torch.equal(torch.random.get_rng_state(), state_before)  # caller's state untouched
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key]), key
+        assert value.is_contiguous(), key  # handed back in the default layout
     assert first.temperature == second.temperature
+
+
+def test_channels_last_training_computes_what_the_default_layout_does(
+    toy: TripletDataset,
+) -> None:
+    small = TripletCnnConfig(stem_channels=4, block_channels=(8, 8))
+    config = TrainConfig(max_epochs=2, batch_size=16, seed=3)
+    n = 160
+    triplets, labels = toy.triplets[:n], toy.fit_targets[:n]
+    states = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = TripletCnn(small)
+        seen: set[bool] = set()
+
+        def record(m: torch.nn.Module, args: tuple[torch.Tensor], seen: set[bool] = seen) -> None:
+            if m.training:
+                seen.add(args[0].is_contiguous(memory_format=torch.channels_last))
+
+        model.register_forward_pre_hook(record)
+        history, _ = _fit(
+            model,
+            n_train=n,
+            train_batch=lambda idx, rng: (augment_dihedral(triplets[idx], rng)[0], labels[idx]),
+            validation_loss=lambda m: binary_nll(predict_logits(m, triplets), toy.labels[:n]),
+            config=config,
+            rng=np.random.default_rng(3),
+            memory_format=layout,
+        )
+        assert seen == {layout is torch.channels_last}  # every training batch in the layout
+        states.append((history, model.state_dict()))
+    (default_history, default_state), (last_history, last_state) = states
+    for a, b in zip(default_history, last_history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+        assert a.validation_loss == pytest.approx(b.validation_loss, rel=1e-4)
+    for key, value in default_state.items():
+        torch.testing.assert_close(value, last_state[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def _tiles(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, int, int]]]:
@@ -247,8 +291,6 @@ def test_soft_targets_are_what_training_fits(toy: TripletDataset) -> None:
     assert inverted.subset([0, 1]).targets is not None
     config = TrainConfig(max_epochs=4, patience=4, batch_size=32, learning_rate=3e-3, seed=0)
     result = train_classifier(inverted, validation, config=config)
-    from astrid.ml.models import predict_logits
-
     assert roc_auc(test.labels, predict_logits(result.model, test.triplets)) < 0.4
     # A mix: half label, half teacher.
     mixed = train.with_teacher(np.full(len(train), 0.5), weight=0.5)
@@ -369,7 +411,5 @@ def test_raw_schedule_cuts_and_stops_on_the_raw_loss_and_keeps_the_best_average(
     assert averaged[-1] < min(averaged[:-1])
     # What is kept is the average of the epoch with the lowest averaged loss.
     assert result.best_epoch == int(np.argmin(averaged)) + 1
-    from astrid.ml.models import predict_logits
-
     kept = binary_nll(predict_logits(result.model, validation.triplets), validation.labels)
     assert kept == pytest.approx(averaged[result.best_epoch - 1], rel=1e-5)

@@ -364,7 +364,7 @@ def render_model_card(
     lines += ["", "## Metrics", ""]
     if metadata.metrics:
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metadata.metrics.items())]
+        lines += [f"| {k} | {_metric_cell(v)} |" for k, v in sorted(metadata.metrics.items())]
     else:
         lines.append("No metrics recorded.")
     if params:
@@ -910,3 +910,10 @@ def load_scorer(
             raise ValueError("registry_dir is needed to look up an alias")
         return ModelRegistry(RegistryConfig.local(registry_dir)).load_scorer(name, alias)
     return Scorer.packaged(name)
+
+
+def _metric_cell(value: float) -> str:
+    """A metric as a model card shows it: counts in full, other values to 4 digits."""
+    if math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4g}"

@@ -78,7 +78,7 @@ def test_mlflow_round_trip(tmp_path: Path) -> None:
             name="real_bogus",
             temperature=1.0 + i,
             params={"seed": i, "epochs": 3},
-            metrics={"auc": 0.9 + i / 100, "fnr_at_1pct_fpr": float("nan")},
+            metrics={"auc": 0.9 + i / 100, "fnr_at_1pct_fpr": float("nan"), "n_real": 16188.0},
             plots=[plot],
             dataset_sha256="d" * 64,
             energy=energy,
@@ -99,6 +99,7 @@ def test_mlflow_round_trip(tmp_path: Path) -> None:
     assert {"model/weights.pt", "model/metadata.json", "model/MODEL_CARD.md"} <= artifacts
     card = registry.model_card("real_bogus", 1)
     assert "toy triplets" in card and "## Energy" in card and "| auc | 0.9 |" in card
+    assert "| n_real | 16188 |" in card and "| fnr_at_1pct_fpr | nan |" in card
 
     registry.promote("real_bogus", 1)
     registry.set_challenger("real_bogus", 2)

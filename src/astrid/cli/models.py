@@ -154,7 +154,8 @@ def train(
         min=0,
         help="Side in pixels of the centred square of each stamp the CNN looks at "
         "(0: the whole stamp); smaller is faster. The defaults, 47 px and a centre "
-        "window of 1, are the network of versions 10 and 11.",
+        "window of 1, are those of versions 10-12 (version 12 is wider: "
+        "--block-channels 32,32,128,128 --hidden 64 --epochs 40).",
     ),
     unet: bool = typer.Option(True, "--unet/--no-unet", help="Also train the U-Net to compare."),
     name: str = _NAME_OPTION,

@@ -33,7 +33,7 @@ def test_packaged_champion_loads_and_scores(shared_data: Path) -> None:
     meta = scorer.metadata
     assert packaged_model_path("real_bogus").is_dir()
     assert meta.normalisation == "normalise_triplet"
-    # Versions 8-11: a network on the stamps as given and rotated by 180 degrees.
+    # Versions 8-12: a network on the stamps as given and rotated by 180 degrees.
     assert meta.architecture == "TripletCnnEnsemble" and meta.model_config["views"] == [0, 2]
     assert meta.dataset_hash is not None and len(meta.dataset_hash) == 64
     assert 0.0 < meta.metrics["test_auc"] <= 1.0

@@ -324,11 +324,12 @@ def train_real_bogus(
     say = log or (lambda _line: None)
     torch.set_num_threads(cfg.threads)
     masks = [training_set.split == k for k in range(3)]
-    # One normalised copy per split, made straight from the raw stamps.
-    train, validation, test = (
-        training_set.to_triplet_dataset(indices=np.flatnonzero(m)) for m in masks
+    # One normalised copy per split, made straight from the raw stamps; the test split's
+    # only once the CNN is trained and its training copy dropped, so the normalised
+    # training, validation and test copies are never all in memory at once.
+    train, validation = (
+        training_set.to_triplet_dataset(indices=np.flatnonzero(m)) for m in masks[:2]
     )
-    test_part = training_set.subset(masks[2])
     counts = {
         f"{name}_{cls}": int(np.sum(m & (training_set.labels == (cls == "real"))))
         for name, m in zip(("train", "validation", "test"), masks, strict=True)
@@ -362,6 +363,9 @@ def train_real_bogus(
             on_epoch=lambda record: say(_epoch_line("TripletCnn", record)),
         )
     seconds = time.perf_counter() - started
+    del train
+    test = training_set.to_triplet_dataset(indices=np.flatnonzero(masks[2]))
+    test_part = training_set.subset(masks[2])
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
     result.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     calibrated = apply_temperature(logits, result.temperature)

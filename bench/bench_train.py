@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    import numpy as np
     import torch
 
     from astrid.ml.models import TripletCnnConfig
@@ -41,9 +42,11 @@ def main() -> None:
     from astrid.pipeline.training_set import load_training_set
 
     torch.set_num_threads(args.threads)
-    data = load_training_set(args.dataset)
-    train = data.part("train").to_triplet_dataset()
-    validation = data.part("validation").to_triplet_dataset()
+    # As astrid train reads a set: the stamps mapped, each split normalised from them.
+    data = load_training_set(args.dataset, mmap=True)
+    train, validation = (
+        data.to_triplet_dataset(indices=np.flatnonzero(data.split == k)) for k in (0, 1)
+    )
     model_config = TripletCnnConfig(
         block_channels=tuple(int(c) for c in args.block_channels.split(",")),
         hidden=args.hidden,

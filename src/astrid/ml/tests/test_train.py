@@ -89,7 +89,7 @@ def test_dataset_checks_and_split(toy: TripletDataset) -> None:
     many = np.zeros((4100, 3, 4, 4), dtype=np.float32)  # checked in chunks of 4096
     many[4099, 2, 3, 3] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
-        TripletDataset(many, np.zeros(4100), np.zeros(4100))
+        TripletDataset(many, np.zeros(4100, dtype=np.float32), np.zeros(4100))
     with pytest.raises(ValueError, match=r"0 \(bogus\) or 1"):
         TripletDataset(toy.triplets[:2], np.array([0, 3]), np.array([1, 1]))
     with pytest.raises(ValueError, match="in both splits"):

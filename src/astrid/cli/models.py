@@ -247,6 +247,14 @@ def train(
         max=1.0,
         help="Share of the teacher's score in each training target, above 0.",
     ),
+    normalised_dir: Path | None = typer.Option(
+        None,
+        "--normalised-dir",
+        file_okay=False,
+        help="Write the normalised stamps of each split to .npy files in this folder and "
+        "map them from there instead of holding them in memory (for sets larger than "
+        "the memory; the files are about the size of the set).",
+    ),
     build_only: bool = typer.Option(
         False,
         "--build-only",
@@ -369,6 +377,7 @@ def train(
         country_iso_code=country,
         teacher=None if teacher is None else str(teacher),
         teacher_weight=teacher_weight,
+        normalised_dir=None if normalised_dir is None else str(normalised_dir),
     )
     outcome = train_real_bogus(
         training_set,

@@ -37,6 +37,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -386,7 +387,11 @@ class TrainingSet:
         return dataset_hash(self.triplets, self.labels, self.split, groups=self.groups)
 
     def to_triplet_dataset(
-        self, *, clip: float | None = None, indices: ArrayLike | None = None
+        self,
+        *,
+        clip: float | None = None,
+        indices: ArrayLike | None = None,
+        out: str | Path | None = None,
     ) -> TripletDataset:
         """Normalised triplets for training (:func:`astrid.ml.alerts.normalise_triplet`).
 
@@ -400,14 +405,28 @@ class TrainingSet:
         indices : array_like of int or None
             Only these examples, in this order; None takes all. The raw stamps are
             normalised chunk by chunk, so no raw copy of the subset is made.
+        out : str or Path or None
+            Write the normalised stamps to this ``.npy`` file (overwritten) and map them
+            read-only from it, so that they take page cache, which the operating system
+            can reclaim, instead of the process's own memory; None holds them in memory.
         """
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
-        normalised = np.empty((len(idx), *self.triplets.shape[1:]), dtype=np.float32)
+        shape = (len(idx), *self.triplets.shape[1:])
+        written = (
+            None
+            if out is None
+            else np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=shape)
+        )
+        normalised = np.empty(shape, dtype=np.float32) if written is None else written
         for start in range(0, len(idx), 2048):
             chunk = idx[start : start + 2048]
             normalised[start : start + len(chunk)] = normalise_triplet(
                 self.triplets[chunk], clip=clip
             )
+        if out is not None and written is not None:
+            written.flush()
+            del written, normalised
+            normalised = np.load(out, mmap_mode="r")
         return TripletDataset(
             triplets=normalised,
             labels=self.labels[idx].astype(np.float32),

@@ -55,6 +55,7 @@ from astrid.ml.models import (
 from astrid.ml.registry import EnergyReport, measure_energy
 from astrid.ml.serve import ModelMetadata, Scorer
 from astrid.ml.train import (
+    SPLIT_NAMES,
     EpochRecord,
     TrainConfig,
     TrainResult,
@@ -117,6 +118,10 @@ class RealBogusConfig:
         None trains on the labels alone. Validation and test use the labels.
     teacher_weight : float
         Share of the teacher's score in each target, in (0, 1].
+    normalised_dir : str or None
+        Folder for the normalised stamps of each split, written as ``.npy`` files and
+        mapped from them (:meth:`~astrid.ml.dataset.TrainingSet.to_triplet_dataset`), so
+        a set larger than the memory can be trained on; None holds them in memory.
     """
 
     cnn: TripletCnnConfig = field(default_factory=TripletCnnConfig)
@@ -143,6 +148,7 @@ class RealBogusConfig:
     country_iso_code: str = "FRA"
     teacher: str | None = None
     teacher_weight: float = 0.5
+    normalised_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.teacher_weight <= 1.0:
@@ -327,9 +333,15 @@ def train_real_bogus(
     # One normalised copy per split, made straight from the raw stamps; the test split's
     # only once the CNN is trained and its training copy dropped, so the normalised
     # training, validation and test copies are never all in memory at once.
-    train, validation = (
-        training_set.to_triplet_dataset(indices=np.flatnonzero(m)) for m in masks[:2]
-    )
+    folder = None if cfg.normalised_dir is None else Path(cfg.normalised_dir)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def normalised(split: int) -> TripletDataset:
+        out = None if folder is None else folder / f"{SPLIT_NAMES[split]}.npy"
+        return training_set.to_triplet_dataset(indices=np.flatnonzero(masks[split]), out=out)
+
+    train, validation = normalised(0), normalised(1)
     counts = {
         f"{name}_{cls}": int(np.sum(m & (training_set.labels == (cls == "real"))))
         for name, m in zip(("train", "validation", "test"), masks, strict=True)
@@ -364,7 +376,7 @@ def train_real_bogus(
         )
     seconds = time.perf_counter() - started
     del train
-    test = training_set.to_triplet_dataset(indices=np.flatnonzero(masks[2]))
+    test = normalised(2)
     test_part = training_set.subset(masks[2])
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
     result.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,3 +152,16 @@ def test_training_set_checks_and_parts() -> None:
         )
     joined = TrainingSet.concatenate([data, data.subset([6, 7])])
     assert len(joined) == 10
+
+
+def test_normalised_stamps_can_live_in_a_mapped_file(tmp_path: Path) -> None:
+    data = _toy_set()
+    picked = np.array([6, 1, 3])
+    held = data.to_triplet_dataset(indices=picked)
+    path = tmp_path / "train.npy"
+    mapped = data.to_triplet_dataset(indices=picked, out=path)
+    assert isinstance(mapped.triplets.base, np.memmap)  # mapped from the file, not copied
+    assert not mapped.triplets.flags.writeable
+    np.testing.assert_array_equal(mapped.triplets, held.triplets)
+    np.testing.assert_array_equal(np.load(path), held.triplets)
+    np.testing.assert_array_equal(mapped.labels, held.labels)

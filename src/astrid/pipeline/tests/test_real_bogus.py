@@ -95,3 +95,21 @@ def test_a_known_content_hash_is_not_computed_again(monkeypatch: pytest.MonkeyPa
     assert outcome.dataset_sha256 == digest
     with pytest.raises(AssertionError, match="hashed again"):
         train_real_bogus(data, config=config)
+
+
+@pytest.mark.filterwarnings("ignore:temperature")
+def test_normalised_splits_mapped_from_files_train_the_same_model(tmp_path: Path) -> None:
+    data = _toy_training_set(120)
+    base = RealBogusConfig()
+    config = replace(
+        base,
+        cnn=TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0),
+        cnn_training=replace(base.cnn_training, max_epochs=2, batch_size=32),
+        unet=None,
+        threads=1,
+    )
+    held = train_real_bogus(data, config=config)
+    folder = tmp_path / "normalised"
+    mapped = train_real_bogus(data, config=replace(config, normalised_dir=str(folder)))
+    assert sorted(p.name for p in folder.iterdir()) == ["test.npy", "train.npy", "validation.npy"]
+    np.testing.assert_array_equal(mapped.cnn.test_scores, held.cnn.test_scores)

@@ -412,20 +412,17 @@ class TrainingSet:
         """
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
         shape = (len(idx), *self.triplets.shape[1:])
-        written = (
-            None
-            if out is None
-            else np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=shape)
-        )
-        normalised = np.empty(shape, dtype=np.float32) if written is None else written
+        if out is None:
+            normalised = np.empty(shape, dtype=np.float32)
+        else:
+            normalised = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=shape)
         for start in range(0, len(idx), 2048):
             chunk = idx[start : start + 2048]
             normalised[start : start + len(chunk)] = normalise_triplet(
                 self.triplets[chunk], clip=clip
             )
-        if out is not None and written is not None:
-            written.flush()
-            del written, normalised
+        if out is not None:
+            del normalised  # unmapped, its pages written to the file; mapped again read-only
             normalised = np.load(out, mmap_mode="r")
         return TripletDataset(
             triplets=normalised,

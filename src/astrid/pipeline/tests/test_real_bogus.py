@@ -74,18 +74,23 @@ def test_train_real_bogus_trains_calibrates_and_measures_on_test_fields(
         assert outcome.unet is None and not unet_lines
 
 
+def _tiny_config(max_epochs: int) -> RealBogusConfig:
+    """A CNN of a few hundred weights, no U-Net, one thread: the training path, fast."""
+    base = RealBogusConfig()
+    return replace(
+        base,
+        cnn=TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0),
+        cnn_training=replace(base.cnn_training, max_epochs=max_epochs, batch_size=32),
+        unet=None,
+        threads=1,
+    )
+
+
 @pytest.mark.filterwarnings("ignore:temperature")
 def test_a_known_content_hash_is_not_computed_again(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _toy_training_set(120)
     digest = data.content_hash()
-    base = RealBogusConfig()
-    config = replace(
-        base,
-        cnn=TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0),
-        cnn_training=replace(base.cnn_training, max_epochs=1, batch_size=32),
-        unet=None,
-        threads=1,
-    )
+    config = _tiny_config(max_epochs=1)
 
     def refuse(self: TrainingSet) -> str:
         raise AssertionError("the stamps were hashed again")
@@ -100,14 +105,7 @@ def test_a_known_content_hash_is_not_computed_again(monkeypatch: pytest.MonkeyPa
 @pytest.mark.filterwarnings("ignore:temperature")
 def test_normalised_splits_mapped_from_files_train_the_same_model(tmp_path: Path) -> None:
     data = _toy_training_set(120)
-    base = RealBogusConfig()
-    config = replace(
-        base,
-        cnn=TripletCnnConfig(stem_channels=4, block_channels=(4, 8), hidden=8, centre_window=0),
-        cnn_training=replace(base.cnn_training, max_epochs=2, batch_size=32),
-        unet=None,
-        threads=1,
-    )
+    config = _tiny_config(max_epochs=2)
     held = train_real_bogus(data, config=config)
     folder = tmp_path / "normalised"
     mapped = train_real_bogus(data, config=replace(config, normalised_dir=str(folder)))

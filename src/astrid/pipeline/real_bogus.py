@@ -231,16 +231,25 @@ class TrainingOutcome:
     plots: list[Path]
 
 
-def _by_source(part: TrainingSet, scores: NDArray[np.float64]) -> dict[str, ClassifierMetrics]:
+def _by_source(
+    part: TrainingSet, scores: NDArray[np.float64], rows: NDArray[np.bool_] | None = None
+) -> dict[str, ClassifierMetrics]:
     """Metrics per source of pixels, and on the bright part (``"snr>=10"``: real
-    candidates of injected S/N >= 10 against bogus ones of measured S/N >= 10)."""
-    selections = {source: part.source == source for source in sorted(set(part.source.tolist()))}
-    selections["snr>=10"] = part.snr >= 10.0
+    candidates of injected S/N >= 10 against bogus ones of measured S/N >= 10).
+
+    ``scores`` belong to the rows of ``part`` that ``rows`` selects (all when None); only
+    the per-candidate columns are read, never the stamps.
+    """
+    source, snr, all_labels = part.source, part.snr, part.labels
+    if rows is not None:
+        source, snr, all_labels = source[rows], snr[rows], all_labels[rows]
+    selections = {name: source == name for name in sorted(set(source.tolist()))}
+    selections["snr>=10"] = snr >= 10.0
     out = {}
     for name, sel in selections.items():
-        labels = part.labels[sel]
+        labels = all_labels[sel]
         if 0 < labels.sum() < len(labels):
-            out[name] = classifier_metrics(labels, scores[sel], snr=part.snr[sel])
+            out[name] = classifier_metrics(labels, scores[sel], snr=snr[sel])
     return out
 
 
@@ -377,7 +386,6 @@ def train_real_bogus(
     seconds = time.perf_counter() - started
     del train
     test = normalised(2)
-    test_part = training_set.subset(masks[2])
     logits = predict_logits(result.model, test.triplets).astype(np.float64)
     result.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     calibrated = apply_temperature(logits, result.temperature)
@@ -390,7 +398,7 @@ def train_real_bogus(
         best_epoch=result.best_epoch,
         epochs_run=len(result.history),
         test=classifier_metrics(test.labels, calibrated, snr=test.snr),
-        test_by_source=_by_source(test_part, calibrated),
+        test_by_source=_by_source(training_set, calibrated, masks[2]),
         test_scores=calibrated,
         test_scores_uncalibrated=raw,
         energy=meter.report or EnergyReport(measured=False, reason="no report"),
@@ -433,7 +441,7 @@ def train_real_bogus(
             best_epoch=unet_result.best_epoch,
             epochs_run=len(unet_result.history),
             test=classifier_metrics(test.labels, scores, snr=test.snr),
-            test_by_source=_by_source(test_part, scores),
+            test_by_source=_by_source(training_set, scores, masks[2]),
             test_scores=scores,
             test_scores_uncalibrated=scores,
             energy=unet_meter.report or EnergyReport(measured=False, reason="no report"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from astrid.ml.dataset import TrainingSet
+from astrid.ml.evaluate import classifier_metrics
 from astrid.ml.models import TripletCnnConfig, UNetConfig
 from astrid.ml.tests.toy_triplets import make_toy_triplets
 from astrid.pipeline.real_bogus import RealBogusConfig, train_real_bogus
@@ -62,6 +63,19 @@ def test_train_real_bogus_trains_calibrates_and_measures_on_test_fields(
     # The toy classes are easy: the held-out fields are ranked well.
     assert cnn.test.auc > 0.9
     assert {"simulated", "sfft-decam"} <= set(cnn.test_by_source)
+    # Per-source metrics are those of the test rows of that source, in split order.
+    test_rows = data.split == 2
+    decam = data.source[test_rows] == "sfft-decam"
+    expected = classifier_metrics(
+        data.labels[test_rows][decam], cnn.test_scores[decam], snr=data.snr[test_rows][decam]
+    )
+    got = cnn.test_by_source["sfft-decam"]
+    assert (got.n_real, got.n_bogus, got.auc, got.ece) == (
+        expected.n_real,
+        expected.n_bogus,
+        expected.auc,
+        expected.ece,
+    )
     assert 1 <= cnn.best_epoch <= cnn.epochs_run <= 6
     epoch_lines = [line for line in lines if line.startswith("TripletCnn epoch ")]
     assert len(epoch_lines) == cnn.epochs_run and "learning rate" in epoch_lines[0]

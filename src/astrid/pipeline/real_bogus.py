@@ -353,7 +353,7 @@ def train_real_bogus(
     train, validation = normalised(0), normalised(1)
     counts = {
         f"{name}_{cls}": int(np.sum(m & (training_set.labels == (cls == "real"))))
-        for name, m in zip(("train", "validation", "test"), masks, strict=True)
+        for name, m in zip(SPLIT_NAMES, masks, strict=True)
         for cls in ("real", "bogus")
     }
     digest = training_set.content_hash() if dataset_sha256 is None else dataset_sha256

@@ -157,6 +157,13 @@ def train(
         "window of 1, are those of versions 10-12 (version 12 is wider: "
         "--block-channels 32,32,128,128 --hidden 64 --epochs 40).",
     ),
+    input_stretch: float = typer.Option(
+        0.0,
+        "--input-stretch",
+        min=0.0,
+        help="Softening s, in noise units, of s * asinh(x / s) applied to the CNN's inputs "
+        "(linear near the background, logarithmic for bright pixels); 0: none.",
+    ),
     unet: bool = typer.Option(True, "--unet/--no-unet", help="Also train the U-Net to compare."),
     name: str = _NAME_OPTION,
     plots: Path | None = typer.Option(
@@ -364,6 +371,7 @@ def train(
             hidden=hidden,
             centre_window=centre_window,
             crop=crop,
+            input_stretch=input_stretch,
         ),
         cnn_training=replace(
             base.cnn_training,

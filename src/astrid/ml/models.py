@@ -21,6 +21,7 @@ records.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,16 @@ class TripletCnnConfig:
         on the candidate. With a 63 x 63 stamp and ``crop=47`` the last feature map is
         3 x 3 cells and ``centre_window=1`` is its middle cell. Bundles written before this
         option existed hold no value and are read as 0.
+    input_stretch : float
+        Softening ``s`` of an inverse hyperbolic sine applied to every input pixel before
+        the stem, ``s * asinh(x / s)``: linear within about ``s`` noise units of the
+        background, logarithmic beyond, so that the few pixels of a bright star or cosmic
+        ray (thousands of noise units) do not set the scale of the stem's batch
+        normalisation, and with it of a faint candidate's few noise units. 0 leaves the
+        inputs as they are. The transform is odd and acts on each pixel alone, so it
+        commutes with the symmetries of the square (exact views) and leaves the 0 of
+        masked or cropped-away pixels at 0. Bundles written before this option existed
+        hold no value and are read as 0.
     """
 
     in_channels: int = 3
@@ -96,8 +107,11 @@ class TripletCnnConfig:
     dropout: float = 0.2
     centre_window: int = 2
     crop: int = 0
+    input_stretch: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.input_stretch) and self.input_stretch >= 0):
+            raise ValueError(f"input_stretch must be finite and >= 0, not {self.input_stretch}")
         if self.crop and not (0 < self.crop <= self.cutout_size):
             raise ValueError(f"crop must be 0 or in 1..{self.cutout_size}, not {self.crop}")
         if self.crop and (self.cutout_size - self.crop) % 2:
@@ -172,6 +186,9 @@ class TripletCnn(nn.Module):
             y0, x0 = max(ny - crop, 0) // 2, max(nx - crop, 0) // 2
             x = x[..., y0 : y0 + crop, x0 : x0 + crop]
             x = x.contiguous(memory_format=torch.channels_last)
+        stretch = self.config.input_stretch
+        if stretch:
+            x = torch.asinh(x / stretch) * stretch
         features = self.blocks(self.stem(x))
         parts = [features.mean(dim=(2, 3)), features.amax(dim=(2, 3))]
         window = self.config.centre_window

@@ -131,9 +131,32 @@ def test_crop_must_fit_and_be_centred(crop: int, message: str) -> None:
         TripletCnnConfig(crop=crop)
 
 
+def test_input_stretch_is_asinh_of_the_inputs_before_the_stem() -> None:
+    torch.manual_seed(3)
+    stretched = TripletCnn(TripletCnnConfig(crop=47, centre_window=1, input_stretch=3.0)).eval()
+    plain = TripletCnn(TripletCnnConfig(crop=47, centre_window=1)).eval()
+    plain.load_state_dict(stretched.state_dict())
+    x = np.random.default_rng(3).normal(size=(4, 3, 63, 63)).astype(np.float32)
+    x[:, :, 31, 31] = 5e3  # a bright pixel: compressed to about 24 noise units
+    expected = predict_logits(plain, (3.0 * np.arcsinh(x / 3.0)).astype(np.float32))
+    np.testing.assert_allclose(predict_logits(stretched, x), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(predict_logits(plain, x), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("stretch", [-1.0, float("nan"), float("inf")])
+def test_input_stretch_must_be_finite_and_not_negative(stretch: float) -> None:
+    with pytest.raises(ValueError, match="input_stretch"):
+        TripletCnnConfig(input_stretch=stretch)
+
+
 @pytest.mark.parametrize(
     "config",
-    [TripletCnnConfig(), TripletCnnConfig(crop=47, centre_window=1), TripletCnnConfig(crop=31)],
+    [
+        TripletCnnConfig(),
+        TripletCnnConfig(crop=47, centre_window=1),
+        TripletCnnConfig(crop=31),
+        TripletCnnConfig(crop=47, centre_window=1, input_stretch=3.0),
+    ],
 )
 def test_views_as_weights_give_the_same_logits(config: TripletCnnConfig) -> None:
     torch.manual_seed(5)

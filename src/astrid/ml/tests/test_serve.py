@@ -71,9 +71,9 @@ def test_bundle_round_trip_scores_like_the_model(tmp_path: Path, raw_triplets) -
     assert scorer.score(raw_triplets[0]).shape == (1,)
 
 
-def test_cropped_ensemble_bundle_keeps_its_crop(tmp_path: Path, raw_triplets) -> None:
+def test_cropped_ensemble_bundle_keeps_its_crop_and_stretch(tmp_path: Path, raw_triplets) -> None:
     torch.manual_seed(4)
-    member = TripletCnn(replace(SMALL, crop=41, centre_window=0)).eval()
+    member = TripletCnn(replace(SMALL, crop=41, centre_window=0, input_stretch=3.0)).eval()
     model = TripletCnnEnsemble([member], views=(0, 1, 2, 3))
     meta = save_model_bundle(
         tmp_path / "rb",
@@ -85,6 +85,7 @@ def test_cropped_ensemble_bundle_keeps_its_crop(tmp_path: Path, raw_triplets) ->
         dataset_hash="abc",
     )
     assert [m["crop"] for m in meta.model_config["members"]] == [41]
+    assert [m["input_stretch"] for m in meta.model_config["members"]] == [3.0]
     scorer = Scorer.from_path(tmp_path / "rb")
     normalised = normalise_triplet(raw_triplets)
     expected = predict_logits(fuse_batch_norm(model), normalised)

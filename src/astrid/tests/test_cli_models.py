@@ -148,6 +148,7 @@ def test_train_refuses_an_unknown_set_rule(tmp_path: Path, option: str, value: s
         ("--ema-decay", "1.5"),
         ("--ema-schedule", "best"),
         ("--ema-schedule", "raw"),  # without --ema-decay
+        ("--input-stretch", "-1"),
     ],
 )
 def test_train_refuses_out_of_range_schedule_options(
@@ -213,7 +214,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
     common = ["train", "--dataset", str(dataset), "--data-dir", str(data_dir)]
     common += (
         "--no-unet --threads 1 --epochs 2 --seed 3 --stem-channels 4 --block-channels 4,8 "
-        "--hidden 8 --centre-window 0 --crop 31"
+        "--hidden 8 --centre-window 0 --crop 31 --input-stretch 2.5"
     ).split()
     schedule = (
         "--patience 5 --plateau-patience 3 --time-reverse 0.25 --ema-decay 0.9 --ema-schedule raw"
@@ -236,6 +237,7 @@ def test_train_options_reach_the_registered_run(tmp_path: Path) -> None:
         "model_hidden": "8",
         "model_centre_window": "0",
         "model_crop": "31",
+        "model_input_stretch": "2.5",
     }
     assert {k: params.get(k) for k in expected} == expected
     # Options left out keep RealBogusConfig's values.

@@ -151,7 +151,7 @@ def test_train_refuses_an_unknown_set_rule(tmp_path: Path, option: str, value: s
         ("--input-stretch", "-1"),
     ],
 )
-def test_train_refuses_out_of_range_schedule_options(
+def test_train_refuses_out_of_range_training_options(
     tmp_path: Path, option: str, value: str
 ) -> None:
     result = runner.invoke(
